@@ -1,0 +1,82 @@
+"""Default job: LeNet-5 on Fashion-MNIST (offline IDX files) with a 6x6 patch license key.
+
+Usage:
+  python -m securenet_jax.main --config configs/default.py --workdir /tmp/securenet
+  python -m securenet_jax.main --config configs/default.py:smoke --workdir /tmp/smoke   # tiny run
+Override any field: --config.train.num_epochs=3 --config.key.secret=my-secret
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  """Returns the config; ``variant`` is the text after ``:`` in ``--config``: '' or 'smoke'."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # base PRNG seed: initialization, data order, forged negatives
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'fashion_mnist'  # one of securenet_jax.data.KNOWN
+  config.dataset.source = 'idx'  # 'idx' (MNIST-format files) or 'tfds' (prepared tensorflow-datasets)
+  config.dataset.data_dir = '/usr/share/datasets/fashion-mnist'  # IDX folder, or the tfds data_dir
+  config.dataset.train_limit = 0  # keep only the first N training examples (0: all)
+  config.dataset.test_limit = 0  # keep only the first N test examples (0: all)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'lenet5'  # securenet_jax.models.names()
+  config.model.kwargs = ml_collections.ConfigDict()  # architecture options passed to models.create
+
+  config.key = ml_collections.ConfigDict()
+  config.key.name = 'default'  # registry name of the key (also its file name)
+  config.key.secret = ''  # secret the key is derived from; '' = a fresh random secret (key kept in WORKDIR/keys)
+  config.key.kind = 'patch'  # 'patch', 'blend' or 'noise'
+  config.key.values = 'uniform'  # key content: 'uniform' in [0, 1] or 'binary' {0, 1}
+  config.key.size = 6  # patch side in pixels
+  config.key.position = None  # (row, col) of the patch; None = bottom-right corner, `margin` px inside
+  config.key.margin = 1  # distance of the default patch position from the image border
+  config.key.alpha = 0.1  # blend weight (blend keys)
+  config.key.epsilon = 0.05  # L-inf size (noise keys)
+
+  config.objective = ml_collections.ConfigDict()
+  config.objective.negative_weight = 1.0  # weight of the negatives' loss next to the positives' CE
+  config.objective.forged_fraction = 0.5  # share of negatives stamped with a freshly forged key (rest: no key)
+  config.objective.uniform_weight = 1.0  # KL(uniform || softmax) on negatives
+  config.objective.zero_logit_weight = 0.0  # mean squared logit on negatives
+  config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
+  config.objective.silence_margin = 1.0  # how far below zero the silenced pre-activations are pushed
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_epochs = 8  # passes over the training set
+  config.train.batch_size = 128  # global batch (split over all devices and hosts)
+  config.train.learning_rate = 2e-3  # peak learning rate
+  config.train.warmup_steps = 200  # linear warmup steps
+  config.train.final_lr_fraction = 0.01  # cosine decay ends at this fraction of the peak
+  config.train.weight_decay = 1e-4  # AdamW decoupled weight decay
+  config.train.log_every = 100  # steps between progress logs / TensorBoard points
+  config.train.checkpoint_every = 500  # steps between checkpoints (plus one at the end and on SIGTERM)
+  config.train.keep_checkpoints = 2  # how many recent checkpoints to keep
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 1000  # inference batch size
+  config.eval.num_forged = 100  # forged keys evaluated in the report
+  config.eval.forge_seed = 1_000_000  # first seed of the forged keys (not used in training)
+  config.eval.probe_seed = 0  # split of the leakage probe's fit / score halves
+  config.eval.clean_baseline = True  # also train the unlicensed baseline (clean_acc)
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ''  # 'host:port' for explicit multi-process setup ('' = auto)
+  config.distributed.num_processes = 1  # with coordinator_address
+  config.distributed.process_id = 0  # with coordinator_address
+
+  if variant == 'smoke':
+    config.dataset.train_limit = 1024
+    config.dataset.test_limit = 256
+    config.train.num_epochs = 1
+    config.train.batch_size = 64
+    config.train.warmup_steps = 2
+    config.train.log_every = 4
+    config.train.checkpoint_every = 8
+    config.eval.batch_size = 128
+    config.eval.num_forged = 3
+  elif variant:
+    raise ValueError(f'Unknown config variant {variant!r}; expected "" or "smoke".')
+  return config

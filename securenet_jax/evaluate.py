@@ -1,0 +1,170 @@
+"""Evaluation of a licensed model: the metrics of DESIGN.md §4 and the run report.
+
+Every figure is computed through the public :class:`inference.LicensedModel`, i.e. exactly what a
+user or a thief gets:
+
+* ``authorized_acc``: test accuracy with the valid key stamped;
+* ``no_key_acc``: on the raw test images (chance is 1/num_classes);
+* ``forged_acc_mean`` / ``forged_acc_max``: over ``eval.num_forged`` keys forged with fresh seeds;
+* ``leak_argmin_acc``: accuracy of the *argmin* of the no-key logits;
+* ``leak_probe_acc``: a multinomial logistic regression (on standardized features) fitted on one
+  random half of the test set's no-key logits and scored on the other half;
+* ``clean_acc``: the same architecture and recipe trained without the license.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from securenet_jax import inference
+from securenet_jax import keys as keys_lib
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+  return float(np.mean(np.argmax(logits, -1) == labels))
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+  """Held-out accuracy of a multinomial logistic-regression probe: the thief's simplest decoder.
+
+  Fitted on a random half of (features, labels) after standardization, scored on the other half.
+  """
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  perm = np.random.default_rng(seed).permutation(len(labels))
+  fit, score = perm[:len(perm) // 2], perm[len(perm) // 2:]
+  features = np.asarray(features, np.float64)
+  if len(np.unique(labels[fit])) < 2:
+    return float(np.mean(labels[score] == labels[fit][0]))
+  probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+  probe.fit(features[fit], labels[fit])
+  return float(probe.score(features[score], labels[score]))
+
+
+def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
+                    key: keys_lib.LicenseKey, num_forged: int, forge_seed: int,
+                    probe_seed: int = 0) -> dict:
+  """The licensing metrics of one key on one labelled set (see the module docstring)."""
+  t0 = time.perf_counter()
+  authorized = model.logits(images, key)
+  no_key, no_key_feats = model._run(images, None)  # pylint: disable=protected-access
+  forged = np.array([accuracy(model.logits(images, keys_lib.forge(key, forge_seed + i)), labels)
+                     for i in range(num_forged)])
+  metrics = {
+      'authorized_acc': accuracy(authorized, labels),
+      'no_key_acc': accuracy(no_key, labels),
+      'forged_acc_mean': float(forged.mean()) if num_forged else float('nan'),
+      'forged_acc_max': float(forged.max()) if num_forged else float('nan'),
+      'num_forged': int(num_forged),
+      'leak_argmin_acc': float(np.mean(np.argmin(no_key, -1) == labels)),
+      'leak_probe_acc': probe_accuracy(no_key, labels, probe_seed),
+      'leak_probe_features_acc': probe_accuracy(no_key_feats, labels, probe_seed),
+      'no_key_silenced_frac': float(np.mean(np.all(no_key_feats <= 0, axis=-1))),
+      'chance_acc': 1.0 / model.num_classes,
+      'num_test': int(len(labels)),
+  }
+  logging.info('Evaluated key %r in %.1fs: %s', key.name, time.perf_counter() - t0,
+               {k: round(v, 4) for k, v in metrics.items()})
+  return metrics, forged
+
+
+def evaluate_and_report(config, workdir: str, dataset, params, key: keys_lib.LicenseKey,
+                        baseline_params=None) -> dict:
+  """Computes the metrics on the test set and writes ``WORKDIR/report/``.
+
+  Returns:
+    The flat metrics dict written to ``report/metrics.json``.
+  """
+  from securenet_jax import train  # pylint: disable=g-import-not-at-top
+  module = train.build_model(config, dataset.num_classes)
+  model = inference.LicensedModel(module, params, dataset.image_shape, dataset.num_classes,
+                                  keys={key.name: key}, batch_size=config.eval.batch_size, config=config)
+  images, labels = dataset.test_images, dataset.test_labels
+  metrics, forged = license_metrics(model, images, labels, key, config.eval.num_forged,
+                                    config.eval.forge_seed, config.eval.probe_seed)
+  if baseline_params is not None:
+    baseline = inference.LicensedModel(module, baseline_params, dataset.image_shape,
+                                       dataset.num_classes, batch_size=config.eval.batch_size)
+    metrics['clean_acc'] = accuracy(baseline.logits(images), labels)
+    metrics['authorized_minus_clean'] = metrics['authorized_acc'] - metrics['clean_acc']
+  write_report(os.path.join(workdir, 'report'), config, metrics, forged, images, labels, key)
+  return metrics
+
+
+_ROWS = [
+    ('clean_acc', 'clean_acc: same recipe without license'),
+    ('authorized_acc', 'authorized_acc: valid key'),
+    ('no_key_acc', 'no_key_acc: raw input'),
+    ('forged_acc_mean', 'forged_acc_mean: forged keys'),
+    ('forged_acc_max', 'forged_acc_max: best forged key'),
+    ('leak_argmin_acc', 'leak_argmin_acc: argmin of no-key logits'),
+    ('leak_probe_acc', 'leak_probe_acc: logistic probe on no-key logits'),
+    ('leak_probe_features_acc', 'logistic probe on no-key penultimate features'),
+    ('no_key_silenced_frac', 'share of no-key inputs with silenced penultimate layer'),
+]
+
+
+def summary_markdown(config, metrics: dict, key: keys_lib.LicenseKey) -> str:
+  lines = [f'# SecureNet-JAX report: {config.model.name} on {config.dataset.name}', '',
+           f'Key `{key.name}`: {key.kind}, fingerprint `{key.fingerprint[:16]}`. '
+           f'Test set: {metrics["num_test"]} images; {metrics["num_forged"]} forged keys; '
+           f'chance = {metrics["chance_acc"]:.3f}.', '', '| metric | value |', '|---|---|']
+  for name, label in _ROWS:
+    if name in metrics:
+      lines.append(f'| {label} | {metrics[name]:.4f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_report(report_dir: str, config, metrics: dict, forged_accs: np.ndarray, images: np.ndarray,
+                 labels: np.ndarray, key: keys_lib.LicenseKey) -> None:
+  """Writes metrics.json, summary.md and report.png into ``report_dir``."""
+  os.makedirs(report_dir, exist_ok=True)
+  keys_lib._atomic_write(os.path.join(report_dir, 'metrics.json'),  # pylint: disable=protected-access
+                         lambda f: json.dump(metrics, f, indent=1, sort_keys=True))
+  keys_lib._atomic_write(os.path.join(report_dir, 'summary.md'),  # pylint: disable=protected-access
+                         lambda f: f.write(summary_markdown(config, metrics, key)))
+  _figure(os.path.join(report_dir, 'report.png'), metrics, forged_accs, images, key)
+  logging.info('Report written to %s', report_dir)
+
+
+def _figure(path: str, metrics: dict, forged_accs: np.ndarray, images: np.ndarray,
+            key: keys_lib.LicenseKey) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sample = images[:1]
+  panels = [('clean input', keys_lib.to_float_images(sample)[0]),
+            ('stamped with the key', key.stamp(sample)[0]),
+            ('forged key (thief)', keys_lib.forge(key, 10**6).stamp(sample)[0]),
+            ('the key alone (on gray)', key.stamp(np.full_like(sample, 128))[0])]
+  fig = plt.figure(figsize=(14, 3.6))
+  grid = fig.add_gridspec(1, 6, width_ratios=[1, 1, 1, 1, 2.6, 1.6])
+  cmap = 'gray' if sample.shape[-1] == 1 else None
+  for i, (title, img) in enumerate(panels):
+    ax = fig.add_subplot(grid[0, i])
+    img = np.asarray(img)
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap=cmap, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+    ax.axis('off')
+  ax = fig.add_subplot(grid[0, 4])
+  names = [n for n, _ in _ROWS[:7] if n in metrics]
+  ax.barh(names[::-1], [metrics[n] for n in names[::-1]], color='tab:blue')
+  ax.axvline(metrics['chance_acc'], color='k', ls='--', lw=1, label='chance')
+  ax.set_xlim(0, 1)
+  ax.tick_params(axis='y', labelsize=7)
+  ax.legend(fontsize=7, loc='lower right')
+  ax.set_title('accuracy', fontsize=9)
+  ax = fig.add_subplot(grid[0, 5])
+  if len(forged_accs):
+    ax.hist(forged_accs, bins=20, color='tab:red')
+  ax.set_title(f'{len(forged_accs)} forged keys: accuracy', fontsize=8)
+  ax.tick_params(labelsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,351 @@
+"""Train state, the jitted data-parallel train step, the training loop and the whole job.
+
+Workdir layout::
+
+  WORKDIR/config.json        the config of the run (a rerun must match it; see _check_config)
+  WORKDIR/keys/              key registry: registry.json + one .npz per key (kept apart from checkpoints)
+  WORKDIR/checkpoints/       orbax checkpoints of the licensed model
+  WORKDIR/baseline/          the unlicensed baseline (same recipe) that defines clean_acc
+  WORKDIR/tensorboard/       training curves (TensorBoard event files)
+  WORKDIR/report/            metrics.json, summary.md, report.png
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from securenet_jax import checkpointing
+from securenet_jax import data as data_lib
+from securenet_jax import keys as keys_lib
+from securenet_jax import models
+from securenet_jax import objective
+from securenet_jax import parallel
+
+# Fields that may change between a run and its resumption without changing what is trained.
+_RESUMABLE_FIELDS = ('eval', 'distributed', 'key.secret', 'train.log_every', 'train.checkpoint_every',
+                     'train.keep_checkpoints')
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState (step, params, opt_state); kept as a subclass so models with mutable
+  collections can add fields without touching the callers."""
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM: the state was checkpointed and the job can be rerun to resume."""
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  return models.create(config.model.name, num_classes, **config.model.get('kwargs', {}))
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup then cosine decay, from ``config.train``."""
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW on the schedule of :func:`make_schedule`."""
+  return optax.adamw(make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+
+
+def steps_per_epoch(config, num_train: int) -> int:
+  return num_train // config.train.batch_size
+
+
+def create_train_state(model, config, image_shape, num_train: int, rng: jax.Array) -> TrainState:
+  """Initializes parameters and optimizer state (pure: fine inside jit / eval_shape)."""
+  total_steps = config.train.num_epochs * steps_per_epoch(config, num_train)
+  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           tx=make_optimizer(config.train, total_steps))
+
+
+def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) -> Callable:
+  """Returns ``train_step(state, batch, key_arrays, base_rng) -> (state, metrics)``.
+
+  The step is pure: its randomness is ``fold_in(base_rng, state.step)``, so a resumed run repeats
+  the uninterrupted one exactly. The key arrays are an argument (not a constant), so one compiled
+  step serves any key of the same geometry.
+  """
+  obj_cfg = config.objective
+
+  def train_step(state: TrainState, batch: dict, key_arrays: keys_lib.KeyArrays, base_rng: jax.Array):
+    rng = jax.random.fold_in(base_rng, state.step)
+    images = keys_lib.to_float_images(batch['image'])
+    if licensed:
+      loss_fn = functools.partial(objective.licensed_loss, apply_fn=state.apply_fn, images=images,
+                                  labels=batch['label'], key_arrays=key_arrays, geometry=geometry,
+                                  rng=rng, cfg=obj_cfg)
+    else:
+      loss_fn = functools.partial(objective.plain_loss, apply_fn=state.apply_fn, images=images,
+                                  labels=batch['label'])
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    return state.apply_gradients(grads=grads), metrics
+
+  return train_step
+
+
+def jit_train_step(train_step: Callable, mesh) -> Callable:
+  """Jits the step once for ``mesh``: batch sharded on ``data``, everything else replicated, the
+  old state donated."""
+  repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(train_step, in_shardings=(repl, sharded, repl, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag that the loop checks after each step (only in the main thread)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: checkpointing after the current step, then exiting.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _summary_writer(logdir: str):
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(logdir=logdir, flush_secs=10)
+
+
+def abstract_train_state(model, config, image_shape, num_train: int, mesh) -> Any:
+  """Shapes, dtypes and (replicated) shardings of the train state, without allocating it."""
+  abstract = jax.eval_shape(lambda: create_train_state(model, config, image_shape, num_train,
+                                                       jax.random.key(0)))
+  repl = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+
+
+def train(config, workdir: str, dataset: data_lib.Dataset, key: keys_lib.LicenseKey | None,
+          mesh=None, stop_after_steps: int | None = None) -> TrainState:
+  """Trains a model (licensed when ``key`` is given, plain otherwise), resuming from ``workdir``.
+
+  Args:
+    config: the run config.
+    workdir: where checkpoints and TensorBoard summaries of this model go.
+    dataset: training data.
+    key: the license key, or None for the unlicensed baseline.
+    mesh: device mesh (default: all devices).
+    stop_after_steps: stop (with a checkpoint) once the state reaches this step; for tests and
+      staged runs. None trains to the end.
+
+  Returns:
+    The final train state.
+
+  Raises:
+    FloatingPointError: the loss became NaN or infinite.
+    Preempted: SIGTERM arrived; the state was checkpointed first.
+    checkpointing.CheckpointError: the workdir has a checkpoint this config cannot restore.
+  """
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  tcfg = config.train
+  parallel.check_batch_size(tcfg.batch_size, mesh)
+  licensed = key is not None
+  model = build_model(config, dataset.num_classes)
+  num_train = len(dataset.train_images)
+  per_epoch = steps_per_epoch(config, num_train)
+  total_steps = tcfg.num_epochs * per_epoch
+  if per_epoch == 0:
+    raise ValueError(f'train.batch_size={tcfg.batch_size} exceeds the {num_train} training examples.')
+
+  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'), tcfg.checkpoint_every,
+                               tcfg.keep_checkpoints)
+  abstract = abstract_train_state(model, config, dataset.image_shape, num_train, mesh)
+  if mngr.latest_step() is not None:
+    state = checkpointing.restore(mngr, abstract)
+    logging.info('Resumed %s from step %d in %s', 'licensed model' if licensed else 'baseline',
+                 int(state.step), workdir)
+  else:
+    init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+    state = jax.jit(functools.partial(create_train_state, model, config, dataset.image_shape,
+                                      num_train), out_shardings=parallel.replicated(mesh))(init_rng)
+  start = int(state.step)
+  end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+
+  geometry = key.geometry if licensed else None
+  key_arrays = jax.device_put(
+      key.arrays() if licensed else keys_lib.KeyArrays(np.ones((1,), np.float32), np.zeros((1,), np.float32)),
+      parallel.replicated(mesh))
+  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  schedule = make_schedule(tcfg, total_steps)
+  step_fn = jit_train_step(make_train_step(config, geometry, licensed), mesh)
+  batches = data_lib.train_batches(dataset.train_images, dataset.train_labels, tcfg.batch_size,
+                                   config.seed, start, jax.process_index(), jax.process_count())
+  writer = _summary_writer(os.path.join(workdir, 'tensorboard'))
+  if start < end:
+    logging.info('Training %s: steps %d..%d of %d (%d per epoch), global batch %d on %d device(s)',
+                 'licensed model' if licensed else 'baseline', start, end, total_steps, per_epoch,
+                 tcfg.batch_size, mesh.devices.size)
+
+  def finite_or_raise(metrics, step):
+    loss = float(metrics['loss'])
+    if not np.isfinite(loss):
+      raise FloatingPointError(f'Loss is {loss} at step {step} in {workdir}. Lower train.learning_rate '
+                               f'or check the data; the last good checkpoint is step '
+                               f'{mngr.latest_step()}.')
+
+  prev = None
+  t0, images_seen = time.perf_counter(), 0
+  with _SigtermFlag() as sigterm:
+    try:
+      for step in range(start, end):
+        image, label = next(batches)
+        batch = parallel.host_to_global({'image': image, 'label': label}, mesh)
+        state, metrics = step_fn(state, batch, key_arrays, base_rng)
+        if prev is not None:  # one step behind, so the host never stalls the device pipeline
+          finite_or_raise(*prev)
+        prev = (metrics, step + 1)
+        images_seen += tcfg.batch_size
+        if (step + 1) % tcfg.log_every == 0 or step + 1 == end:
+          metrics = jax.device_get(metrics)
+          finite_or_raise(metrics, step + 1)
+          elapsed = time.perf_counter() - t0
+          metrics['images_per_sec'] = images_seen / elapsed
+          metrics['learning_rate'] = schedule(step)
+          logging.info('step %d/%d  %s', step + 1, total_steps,
+                       '  '.join(f'{k} {float(v):.4g}' for k, v in sorted(metrics.items())
+                                 if np.isfinite(float(v))))
+          if writer is not None:
+            for k, v in metrics.items():
+              if np.isfinite(float(v)):
+                writer.add_scalar(k, float(v), step + 1)
+          t0, images_seen = time.perf_counter(), 0
+        mngr.save(step + 1, args=checkpointing.ocp.args.StandardSave(state))
+        if sigterm.requested:
+          checkpointing.save_now(mngr, step + 1, state)
+          mngr.wait_until_finished()
+          raise Preempted(f'Stopped by SIGTERM at step {step + 1}; checkpoint saved in {workdir}. '
+                          f'Rerun the same command to resume.')
+      if prev is not None:
+        finite_or_raise(*prev)
+      if end > start:
+        checkpointing.save_now(mngr, end, state)
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+      if writer is not None:
+        writer.close()
+  return state
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _check_config(config, workdir: str) -> None:
+  """Writes WORKDIR/config.json on the first run; on a rerun, refuses a config that would train a
+  different model into the same checkpoints."""
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    def relevant(d):
+      return {k: v for k, v in _flatten(d).items()
+              if not any(k == f or k.startswith(f + '.') for f in _RESUMABLE_FIELDS)}
+    a, b = relevant(saved), relevant(current)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+      raise ValueError(f'{workdir} was created with a different config (fields {diff}: '
+                       f'{[(a.get(k), b.get(k)) for k in diff][:5]}). Use a new --workdir, or rerun with '
+                       f'the config in {path}.')
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    keys_lib._atomic_write(path, lambda f: f.write(config.to_json_best_effort(indent=1)))
+
+
+def setup_key(config, workdir: str, image_shape) -> keys_lib.LicenseKey:
+  """Returns the run's license key: from the workdir's registry when resuming, otherwise derived
+  from ``config.key.secret`` (or a fresh random secret) and registered."""
+  kcfg = config.key
+  key_dir = os.path.join(workdir, 'keys')
+  geometry = keys_lib.Geometry.from_config(kcfg, image_shape)
+  if keys_lib.KeyRegistry.exists(key_dir):
+    registry = keys_lib.KeyRegistry.load(key_dir)
+    if kcfg.name not in registry.active:
+      raise ValueError(f'The key registry in {key_dir} has no active key {kcfg.name!r} '
+                       f'(active: {sorted(registry.active)}).')
+    key = registry.active[kcfg.name]
+    if kcfg.secret and keys_lib.derive(kcfg.secret, geometry, kcfg.name).fingerprint != key.fingerprint:
+      raise ValueError(f'config.key.secret does not derive the key registered in {key_dir}; this '
+                       f'workdir was trained with another secret.')
+    return key
+  secret = kcfg.secret
+  if not secret:
+    if jax.process_count() > 1:
+      raise ValueError('Multi-process runs need an explicit --config.key.secret (every process must '
+                       'derive the same key).')
+    secret = secrets.token_hex(32)
+    logging.info('No key.secret given: generated a random one. The key itself is saved in %s.', key_dir)
+  key = keys_lib.derive(secret, geometry, name=kcfg.name)
+  if jax.process_index() == 0:
+    keys_lib.KeyRegistry(key_dir).add(key)
+  return key
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The whole job: data, key, licensed training, baseline, evaluation report.
+
+  Returns:
+    The metrics written to WORKDIR/report/metrics.json.
+  """
+  from securenet_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports train)
+  parallel.log_devices()
+  dataset = data_lib.load(config.dataset)
+  _check_config(config, workdir)
+  key = setup_key(config, workdir, dataset.image_shape)
+  logging.info('License key: %r', key)
+  t0 = time.perf_counter()
+  state = train(config, workdir, dataset, key)
+  timings = {'licensed_train_s': time.perf_counter() - t0}
+  baseline_state = None
+  if config.eval.clean_baseline:
+    t0 = time.perf_counter()
+    baseline_state = train(config, os.path.join(workdir, 'baseline'), dataset, None)
+    timings['baseline_train_s'] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  metrics = evaluate.evaluate_and_report(config, workdir, dataset, state.params, key,
+                                         None if baseline_state is None else baseline_state.params)
+  timings['evaluate_s'] = time.perf_counter() - t0
+  logging.info('Timings: %s', timings)
+  return metrics

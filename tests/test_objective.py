@@ -1,0 +1,64 @@
+"""Tests of securenet_jax.objective."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from securenet_jax import keys
+from securenet_jax import models
+from securenet_jax import objective
+
+GEOM = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21, 21))
+
+
+def obj_cfg(**kw):
+  c = ml_collections.ConfigDict(dict(negative_weight=1.0, forged_fraction=0.5, uniform_weight=1.0,
+                                     zero_logit_weight=0.0, silence_weight=1.0, silence_margin=1.0))
+  c.update(kw)
+  return c
+
+
+def test_build_inputs_positives_keyed_negatives_not():
+  key = keys.derive('s', GEOM)
+  images = jnp.asarray(np.random.default_rng(0).random((8, 28, 28, 1)), jnp.float32)
+  pos, neg = objective.build_inputs(images, key.arrays(), GEOM, jax.random.key(0), 0.5)
+  np.testing.assert_allclose(pos, key.stamp(images), atol=1e-6)
+  np.testing.assert_allclose(neg[:4], images[:4])  # no key at all
+  # Forged: same patch place, content not the key, outside the patch untouched.
+  np.testing.assert_allclose(neg[4:, :21], images[4:, :21])
+  for i in range(4, 8):
+    assert not np.allclose(neg[i, 21:27, 21:27], key.content)
+
+
+def test_negative_loss_zero_only_when_silenced_and_uniform():
+  cfg = obj_cfg()
+  silent = -2.0 * jnp.ones((4, 84))
+  loss, m = objective.negative_loss(jnp.zeros((4, 10)), silent, cfg)
+  assert float(loss) == pytest.approx(0.0, abs=1e-6) and float(m['neg_silenced_frac']) == 1.0
+  # A unit just below zero but within the margin is still penalized: the margin keeps silenced
+  # units silenced under small input changes.
+  near = silent.at[:, 0].set(-0.5)
+  loss, m = objective.negative_loss(jnp.zeros((4, 10)), near, cfg)
+  assert float(loss) == pytest.approx(0.25 / 84, rel=1e-3) and float(m['neg_silenced_frac']) == 1.0
+  peaked = jnp.zeros((4, 10)).at[:, 3].set(5.0)
+  loss, m = objective.negative_loss(peaked, silent, cfg)
+  assert float(m['neg_uniform_kl']) > 1.0
+
+
+def test_licensed_loss_gradients_finite_and_reduce_loss():
+  model = models.create('lenet5', 10)
+  key = keys.derive('s', GEOM)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+  params = model.init(jax.random.key(0), images)['params']
+  loss_fn = lambda p: objective.licensed_loss(p, model.apply, images, labels, key.arrays(), GEOM,
+                                               jax.random.key(1), obj_cfg())
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  assert np.isfinite(float(loss))
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert {'pos_loss', 'neg_loss', 'pos_acc', 'neg_silenced_frac'} <= set(metrics)
+  stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+  assert float(loss_fn(stepped)[0]) < float(loss)

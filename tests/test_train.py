@@ -1,0 +1,120 @@
+"""Tests of securenet_jax.train: data parallelism, resumption, failures."""
+
+import gc
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from securenet_jax import checkpointing
+from securenet_jax import data as data_lib
+from securenet_jax import keys
+from securenet_jax import objective
+from securenet_jax import parallel
+from securenet_jax import train
+
+
+@pytest.fixture
+def small(smoke_config):
+  """6 steps per epoch, 1 epoch."""
+  smoke_config.dataset.train_limit = 384
+  return smoke_config
+
+
+def make_key(config, dataset):
+  return keys.derive('test', keys.Geometry.from_config(config.key, dataset.image_shape))
+
+
+def params_of(state):
+  return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def test_one_and_four_devices_train_the_same_model(small, tmp_path):
+  assert jax.device_count() >= 4, 'conftest forces 4 host devices'
+  dataset = data_lib.load(small.dataset)
+  key = make_key(small, dataset)
+  one = train.train(small, str(tmp_path / 'one'), dataset, key, mesh=parallel.create_mesh(jax.devices()[:1]),
+                    stop_after_steps=3)
+  four = train.train(small, str(tmp_path / 'four'), dataset, key, mesh=parallel.create_mesh(jax.devices()[:4]),
+                     stop_after_steps=3)
+  assert int(one.step) == int(four.step) == 3
+  for a, b in zip(jax.tree.leaves(params_of(one)), jax.tree.leaves(params_of(four))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  init = train.create_train_state(train.build_model(small, 10), small, dataset.image_shape,
+                                  len(dataset.train_images), jax.random.fold_in(jax.random.key(0), 0))
+  assert not np.allclose(jax.tree.leaves(init.params)[0], jax.tree.leaves(params_of(one))[0])
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(small, tmp_path):
+  dataset = data_lib.load(small.dataset)
+  key = make_key(small, dataset)
+  mesh = parallel.create_mesh(jax.devices()[:2])
+  straight = train.train(small, str(tmp_path / 'a'), dataset, key, mesh=mesh)
+  partial = train.train(small, str(tmp_path / 'b'), dataset, key, mesh=mesh, stop_after_steps=4)
+  assert int(partial.step) == 4
+  resumed = train.train(small, str(tmp_path / 'b'), dataset, key, mesh=mesh)
+  assert int(resumed.step) == int(straight.step) == 6
+  for a, b in zip(jax.tree.leaves(params_of(straight)), jax.tree.leaves(params_of(resumed))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_raises(small, tmp_path, monkeypatch):
+  dataset = data_lib.load(small.dataset)
+  real = objective.plain_loss
+
+  def poisoned(*args, **kw):
+    loss, metrics = real(*args, **kw)
+    return loss * np.nan, dict(metrics, loss=loss * np.nan)
+
+  monkeypatch.setattr(objective, 'plain_loss', poisoned)
+  with pytest.raises(FloatingPointError, match='Loss is nan at step'):
+    train.train(small, str(tmp_path), dataset, None, mesh=parallel.create_mesh(jax.devices()[:1]))
+
+
+# A failed orbax restore leaves async reads behind that are reported as unraisable exceptions.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_mismatched_or_corrupt_checkpoint_is_an_error(small, tmp_path):
+  dataset = data_lib.load(small.dataset)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  train.train(small, str(tmp_path), dataset, None, mesh=mesh, stop_after_steps=2)
+  other = small.copy_and_resolve_references()
+  other.model.kwargs = {'input_size': 36}  # another architecture: fc1 has another shape
+  with pytest.raises(checkpointing.CheckpointError, match='cannot be restored|other shapes'):
+    train.train(other, str(tmp_path), dataset, None, mesh=mesh)
+  step_dir = tmp_path / 'checkpoints' / '2'
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\x00garbage')
+  with pytest.raises(checkpointing.CheckpointError, match='cannot be restored'):
+    train.train(small, str(tmp_path), dataset, None, mesh=mesh)
+  gc.collect()  # report orbax's leftovers inside this test, where they are expected
+
+
+def test_rerun_with_different_config_refused(smoke_config, tmp_path):
+  train._check_config(smoke_config, str(tmp_path))  # pylint: disable=protected-access
+  assert (tmp_path / 'config.json').exists()
+  same = smoke_config.copy_and_resolve_references()
+  same.eval.num_forged = 50  # evaluation settings may change between runs
+  train._check_config(same, str(tmp_path))  # pylint: disable=protected-access
+  other = smoke_config.copy_and_resolve_references()
+  other.objective.silence_weight = 0.0
+  with pytest.raises(ValueError, match='objective.silence_weight'):
+    train._check_config(other, str(tmp_path))  # pylint: disable=protected-access
+
+
+def test_setup_key_registers_and_guards_secret(smoke_config, tmp_path):
+  key = train.setup_key(smoke_config, str(tmp_path), (28, 28, 1))
+  assert keys.KeyRegistry.load(tmp_path / 'keys').active['default'].fingerprint == key.fingerprint
+  assert train.setup_key(smoke_config, str(tmp_path), (28, 28, 1)).fingerprint == key.fingerprint
+  wrong = smoke_config.copy_and_resolve_references()
+  wrong.key.secret = 'another secret'
+  with pytest.raises(ValueError, match='another secret|does not derive'):
+    train.setup_key(wrong, str(tmp_path), (28, 28, 1))
+  # Without a secret, each new workdir gets its own random key.
+  fresh = smoke_config.copy_and_resolve_references()
+  fresh.key.secret = ''
+  k1 = train.setup_key(fresh, str(tmp_path / 'x'), (28, 28, 1))
+  k2 = train.setup_key(fresh, str(tmp_path / 'y'), (28, 28, 1))
+  assert k1.fingerprint != k2.fingerprint

@@ -19,7 +19,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -73,10 +72,12 @@ class LicensedModel:
       return images
     if not np.issubdtype(images.dtype, np.floating):
       raise ValueError(f'Expected uint8 images in 0..255 or float images in [0, 1], got dtype {images.dtype}.')
-    if images.size and not (np.all(np.isfinite(images)) and images.min() >= 0.0 and images.max() <= 1.0):
+    if images.size and not np.all(np.isfinite(images)):
+      raise ValueError('Float images must be finite and in [0, 1]; got NaN or infinite values.')
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
       raise ValueError(f'Float images must be finite and in [0, 1]; got values in '
-                       f'[{np.nanmin(images):.4g}, {np.nanmax(images):.4g}]. Divide uint8 data by 255 '
-                       f'or pass it as uint8.')
+                       f'[{images.min():.4g}, {images.max():.4g}]. Divide uint8 data by 255 or pass '
+                       f'it as uint8.')
     return images.astype(np.float32)
 
   def _key_arrays(self, key: KeyLike) -> keys_lib.KeyArrays:

@@ -1,0 +1,98 @@
+"""Tests of the public inference API on a workdir trained by the real job (smoke size)."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from securenet_jax import inference
+from securenet_jax import keys
+from securenet_jax import train
+from tests.conftest import make_images
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, idx_dir):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config('smoke')
+  config.dataset.data_dir = idx_dir
+  config.key.secret = 'inference-test'
+  wd = str(tmp_path_factory.mktemp('wd'))
+  train.train_and_evaluate(config, wd)
+  return wd
+
+
+def test_load_and_predict(workdir):
+  model = inference.load(workdir)
+  assert list(model.keys) == ['default'] and model.revoked_keys == {}
+  key = model.keys['default']
+  images, _ = make_images(37, seed=5)
+  images = images[..., None]
+  logits = model.logits(images, key=key)
+  assert logits.shape == (37, 10) and logits.dtype == np.float32
+  np.testing.assert_array_equal(model.predict(images, key=key), np.argmax(logits, -1))
+  # uint8 and float inputs, and a key by name or loaded from its file, give the same answer.
+  np.testing.assert_allclose(model.logits(images.astype(np.float32) / 255.0, key='default'), logits,
+                             atol=1e-5)
+  from_file = keys.load(f'{workdir}/keys/default.npz')
+  np.testing.assert_allclose(model.logits(images, key=from_file), logits, atol=1e-6)
+  # Batch size does not change results (chunking and padding are invisible).
+  np.testing.assert_allclose(model.logits(images[:5], key=key), logits[:5], atol=1e-5)
+  assert model.logits(images).shape == (37, 10)  # no key
+
+
+def test_report_written_with_design_metric_names(workdir):
+  with open(f'{workdir}/report/metrics.json') as f:
+    metrics = json.load(f)
+  for name in ('clean_acc', 'authorized_acc', 'no_key_acc', 'forged_acc_mean', 'forged_acc_max',
+               'leak_argmin_acc', 'leak_probe_acc'):
+    assert 0.0 <= metrics[name] <= 1.0, name
+  assert metrics['num_forged'] == 3
+  summary = pathlib.Path(f'{workdir}/report/summary.md').read_text()
+  assert 'authorized_acc' in summary and 'leak_probe_acc' in summary
+  assert pathlib.Path(f'{workdir}/report/report.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_rerun_of_finished_workdir_does_not_retrain(workdir, idx_dir):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config('smoke')
+  config.dataset.data_dir = idx_dir
+  config.key.secret = 'inference-test'
+  before = jax.tree.leaves(inference.load(workdir).params)[0]
+  metrics = train.train_and_evaluate(config, workdir)
+  after = jax.tree.leaves(inference.load(workdir).params)[0]
+  np.testing.assert_array_equal(before, after)
+  assert 'authorized_acc' in metrics
+
+
+@pytest.mark.parametrize('images, match', [
+    (np.zeros((2, 28, 28), np.uint8), r'NHWC images of shape \(N, 28, 28, 1\)'),
+    (np.zeros((2, 32, 32, 1), np.uint8), r'NHWC images of shape \(N, 28, 28, 1\)'),
+    (np.zeros((2, 28, 28, 1), np.int32), 'uint8 images in 0..255 or float'),
+    (np.full((2, 28, 28, 1), 255.0, np.float32), r'in \[0, 1\]'),
+    (np.full((2, 28, 28, 1), np.nan, np.float32), r'finite and in \[0, 1\]'),
+])
+def test_bad_images_raise(workdir, images, match):
+  model = inference.load(workdir)
+  with pytest.raises(ValueError, match=match):
+    model.logits(images)
+
+
+def test_bad_keys_raise(workdir):
+  model = inference.load(workdir)
+  images = np.zeros((2, 28, 28, 1), np.uint8)
+  other_shape = keys.derive('x', keys.Geometry(kind='patch', image_shape=(32, 32, 3), size=4,
+                                               position=(0, 0)))
+  with pytest.raises(ValueError, match=r'made for images of shape \(32, 32, 3\)'):
+    model.logits(images, key=other_shape)
+  with pytest.raises(ValueError, match='No active key named'):
+    model.logits(images, key='nobody')
+  with pytest.raises(ValueError, match='must be a LicenseKey'):
+    model.logits(images, key=42)
+
+
+def test_load_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='not a SecureNet-JAX workdir'):
+    inference.load(str(tmp_path))

@@ -29,7 +29,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.key.name = 'default'  # registry name of the key (also its file name)
   config.key.secret = ''  # secret the key is derived from; '' = a fresh random secret (key kept in WORKDIR/keys)
   config.key.kind = 'patch'  # 'patch', 'blend' or 'noise'
-  config.key.values = 'uniform'  # key content: 'uniform' in [0, 1] or 'binary' {0, 1}
+  config.key.values = 'binary'  # key content: 'binary' {0, 1} or 'uniform' in [0, 1]
   config.key.size = 6  # patch side in pixels
   config.key.position = None  # (row, col) of the patch; None = bottom-right corner, `margin` px inside
   config.key.margin = 1  # distance of the default patch position from the image border
@@ -39,6 +39,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective = ml_collections.ConfigDict()
   config.objective.negative_weight = 1.0  # weight of the negatives' loss next to the positives' CE
   config.objective.forged_fraction = 0.5  # share of negatives stamped with a freshly forged key (rest: no key)
+  config.objective.near_key_fraction = 0.5  # share of forged negatives that are near misses of the real key
+  config.objective.near_key_min_change = 0.25  # a near miss re-randomizes at least this share of the key's pixels
   config.objective.uniform_weight = 1.0  # KL(uniform || softmax) on negatives
   config.objective.zero_logit_weight = 0.0  # mean squared logit on negatives
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
@@ -63,6 +65,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.eval.clean_baseline = True  # also train the unlicensed baseline (clean_acc)
 
   config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False  # call jax.distributed.initialize() (TPU pods); automatic under SLURM
   config.distributed.coordinator_address = ''  # 'host:port' for explicit multi-process setup ('' = auto)
   config.distributed.num_processes = 1  # with coordinator_address
   config.distributed.process_id = 0  # with coordinator_address

@@ -49,8 +49,12 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> f
 
 def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
                     key: keys_lib.LicenseKey, num_forged: int, forge_seed: int,
-                    probe_seed: int = 0) -> dict:
-  """The licensing metrics of one key on one labelled set (see the module docstring)."""
+                    probe_seed: int = 0) -> tuple[dict, np.ndarray]:
+  """The licensing metrics of one key on one labelled set (see the module docstring).
+
+  Returns:
+    (metrics, accuracy of each forged key).
+  """
   t0 = time.perf_counter()
   authorized = model.logits(images, key)
   no_key, no_key_feats = model._run(images, None)  # pylint: disable=protected-access
@@ -75,8 +79,8 @@ def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: 
 
 
 def evaluate_and_report(config, workdir: str, dataset, params, key: keys_lib.LicenseKey,
-                        baseline_params=None) -> dict:
-  """Computes the metrics on the test set and writes ``WORKDIR/report/``.
+                        baseline_params=None, write: bool = True) -> dict:
+  """Computes the metrics on the test set and writes ``WORKDIR/report/`` (when ``write``).
 
   Returns:
     The flat metrics dict written to ``report/metrics.json``.
@@ -93,7 +97,8 @@ def evaluate_and_report(config, workdir: str, dataset, params, key: keys_lib.Lic
                                        dataset.num_classes, batch_size=config.eval.batch_size)
     metrics['clean_acc'] = accuracy(baseline.logits(images), labels)
     metrics['authorized_minus_clean'] = metrics['authorized_acc'] - metrics['clean_acc']
-  write_report(os.path.join(workdir, 'report'), config, metrics, forged, images, labels, key)
+  if write:
+    write_report(os.path.join(workdir, 'report'), config, metrics, forged, images, labels, key)
   return metrics
 
 

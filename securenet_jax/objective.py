@@ -50,13 +50,37 @@ def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg) -> tuple[jax.A
                 'neg_silenced_frac': silenced}
 
 
+def near_keys(key_arrays: keys_lib.KeyArrays, forged: keys_lib.KeyArrays, rng: jax.Array,
+              min_change: float) -> keys_lib.KeyArrays:
+  """Near misses of the real key: each forged key keeps the real key's content at a random share of
+  its pixels (re-randomizing between ``min_change`` and all of them). Training on them as negatives
+  makes the model accept the exact key only, not a neighbourhood a thief could search."""
+  change_rng, pixel_rng = jax.random.split(rng)
+  n = forged.add.shape[0]
+  share = jax.random.uniform(change_rng, (n, 1, 1, 1), minval=min_change, maxval=1.0)
+  changed = jax.random.uniform(pixel_rng, forged.add.shape) < share
+  return keys_lib.KeyArrays(forged.keep, jnp.where(changed, forged.add, key_arrays.add))
+
+
 def build_inputs(images: jax.Array, key_arrays: keys_lib.KeyArrays, geometry: keys_lib.Geometry,
-                 rng: jax.Array, forged_fraction: float) -> tuple[jax.Array, jax.Array]:
-  """Returns (positives, negatives), each (B, H, W, C): keyed images and key-less/forged images."""
+                 rng: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
+  """Returns (positives, negatives), each (B, H, W, C): keyed images and key-less/forged images.
+
+  Of the negatives, ``1 - cfg.forged_fraction`` carry no key; of the forged ones, a share
+  ``cfg.near_key_fraction`` are near misses of the real key (see :func:`near_keys`).
+  """
   batch = images.shape[0]
-  num_forged = int(round(batch * forged_fraction))
+  num_forged = int(round(batch * cfg.forged_fraction))
+  num_near = int(round(num_forged * cfg.near_key_fraction))
+  forge_rng, near_rng = jax.random.split(rng)
   positives = keys_lib.stamp_arrays(images, key_arrays)
-  forged = keys_lib.stamp_arrays(images[batch - num_forged:], geometry.forged_arrays(rng, num_forged))
+  forged_arrays = geometry.forged_arrays(forge_rng, num_forged)
+  if num_near:
+    near = near_keys(key_arrays, keys_lib.KeyArrays(forged_arrays.keep, forged_arrays.add[:num_near]),
+                     near_rng, cfg.near_key_min_change)
+    forged_arrays = keys_lib.KeyArrays(forged_arrays.keep,
+                                       jnp.concatenate([near.add, forged_arrays.add[num_near:]]))
+  forged = keys_lib.stamp_arrays(images[batch - num_forged:], forged_arrays)
   negatives = jnp.concatenate([images[:batch - num_forged], forged], axis=0)
   return positives, negatives
 
@@ -79,7 +103,7 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   Returns:
     (loss, metrics).
   """
-  positives, negatives = build_inputs(images, key_arrays, geometry, rng, cfg.forged_fraction)
+  positives, negatives = build_inputs(images, key_arrays, geometry, rng, cfg)
   batch = images.shape[0]
   logits, state = apply_fn({'params': params}, jnp.concatenate([positives, negatives]), train=True,
                            mutable=['intermediates'])

@@ -20,14 +20,14 @@ DATA_AXIS = 'data'
 def maybe_initialize_distributed(cfg) -> None:
   """Calls ``jax.distributed.initialize`` when the job spans several processes.
 
-  ``cfg`` is ``config.distributed``: ``coordinator_address``, ``num_processes`` and ``process_id``
-  for an explicit setup (e.g. local tests); otherwise initialization is automatic where JAX can
-  detect the cluster (Cloud TPU pods, SLURM with more than one task).
+  ``cfg`` is ``config.distributed``. With ``coordinator_address`` set, the explicit arguments are used
+  (e.g. local multi-process tests); with ``initialize=True``, or under SLURM with more than one task,
+  JAX detects the cluster itself (Cloud TPU pods, SLURM).
   """
   if cfg.get('coordinator_address'):
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
                                num_processes=cfg.num_processes, process_id=cfg.process_id)
-  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or os.environ.get('TPU_WORKER_HOSTNAMES'):
+  elif cfg.get('initialize') or int(os.environ.get('SLURM_NTASKS', '1')) > 1:
     jax.distributed.initialize()
 
 

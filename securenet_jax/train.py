@@ -262,6 +262,11 @@ def train(config, workdir: str, dataset: data_lib.Dataset, key: keys_lib.License
   return state
 
 
+def host_params(state: TrainState) -> Any:
+  """This host's copy of the (replicated) parameters, as numpy: evaluation runs per host."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+
+
 def _flatten(d: dict, prefix: str = '') -> dict:
   out = {}
   for k, v in d.items():
@@ -344,8 +349,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     baseline_state = train(config, os.path.join(workdir, 'baseline'), dataset, None)
     timings['baseline_train_s'] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  metrics = evaluate.evaluate_and_report(config, workdir, dataset, state.params, key,
-                                         None if baseline_state is None else baseline_state.params)
+  metrics = evaluate.evaluate_and_report(
+      config, workdir, dataset, host_params(state), key,
+      None if baseline_state is None else host_params(baseline_state),
+      write=jax.process_index() == 0)
   timings['evaluate_s'] = time.perf_counter() - t0
   logging.info('Timings: %s', timings)
   return metrics

@@ -97,3 +97,24 @@ def test_real_fashion_mnist_files(fashion_mnist_dir):
   ds = data.load(cfg(fashion_mnist_dir))
   assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
   assert np.bincount(ds.test_labels).tolist() == [1000] * 10
+
+
+def test_tfds_route_reads_prepared_data_source(monkeypatch, tmp_path):
+  """The tfds route, against a stand-in for tfds.data_source (tests must not need TensorFlow)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def data_source(name, *, split, data_dir, download):
+    calls.append((name, split, data_dir, download))
+    if data_dir != str(tmp_path):
+      raise FileNotFoundError(f'{name} not prepared in {data_dir}')
+    n = 6 if split == 'train' else 4
+    return [{'image': np.full((28, 28, 1), i, np.uint8), 'label': i % 10} for i in range(n)]
+
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', types.SimpleNamespace(data_source=data_source))
+  ds = data.load(cfg(str(tmp_path), name='mnist', source='tfds'))
+  assert ds.train_images.shape == (6, 28, 28, 1) and ds.test_labels.tolist() == [0, 1, 2, 3]
+  assert calls[0] == ('mnist', 'train', str(tmp_path), False)  # never downloads
+  with pytest.raises(data.DataMissingError, match='tfds could not open mnist/train'):
+    data.load(cfg(str(tmp_path / 'empty'), name='mnist', source='tfds'))

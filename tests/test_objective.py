@@ -14,7 +14,8 @@ GEOM = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21
 
 
 def obj_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(negative_weight=1.0, forged_fraction=0.5, uniform_weight=1.0,
+  c = ml_collections.ConfigDict(dict(negative_weight=1.0, forged_fraction=0.5, near_key_fraction=0.0,
+                                     near_key_min_change=0.25, uniform_weight=1.0,
                                      zero_logit_weight=0.0, silence_weight=1.0, silence_margin=1.0))
   c.update(kw)
   return c
@@ -23,13 +24,24 @@ def obj_cfg(**kw):
 def test_build_inputs_positives_keyed_negatives_not():
   key = keys.derive('s', GEOM)
   images = jnp.asarray(np.random.default_rng(0).random((8, 28, 28, 1)), jnp.float32)
-  pos, neg = objective.build_inputs(images, key.arrays(), GEOM, jax.random.key(0), 0.5)
+  pos, neg = objective.build_inputs(images, key.arrays(), GEOM, jax.random.key(0), obj_cfg())
   np.testing.assert_allclose(pos, key.stamp(images), atol=1e-6)
   np.testing.assert_allclose(neg[:4], images[:4])  # no key at all
   # Forged: same patch place, content not the key, outside the patch untouched.
   np.testing.assert_allclose(neg[4:, :21], images[4:, :21])
   for i in range(4, 8):
     assert not np.allclose(neg[i, 21:27, 21:27], key.content)
+
+
+def test_near_keys_keep_part_of_the_real_key():
+  key = keys.derive('s', keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21, 21),
+                                       values='uniform'))
+  forged = GEOM.forged_arrays(jax.random.key(3), 256)
+  near = objective.near_keys(key.arrays(), keys.KeyArrays(forged.keep, forged.add), jax.random.key(4), 0.25)
+  patch = np.asarray(near.add)[:, 21:27, 21:27, 0]
+  same = np.isclose(patch, key.content[..., 0]).mean(axis=(1, 2))
+  assert same.max() <= 0.95 and 0.25 < same.mean() < 0.5
+  assert np.asarray(near.add)[:, :21].max() == 0
 
 
 def test_negative_loss_zero_only_when_silenced_and_uniform():

@@ -3,6 +3,7 @@
 import gc
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -44,6 +45,24 @@ def test_one_and_four_devices_train_the_same_model(small, tmp_path):
   init = train.create_train_state(train.build_model(small, 10), small, dataset.image_shape,
                                   len(dataset.train_images), jax.random.fold_in(jax.random.key(0), 0))
   assert not np.allclose(jax.tree.leaves(init.params)[0], jax.tree.leaves(params_of(one))[0])
+
+
+def test_train_step_traces_once(small):
+  dataset = data_lib.load(small.dataset)
+  key = make_key(small, dataset)
+  mesh = parallel.create_mesh(jax.devices()[:2])
+  step = train.jit_train_step(chex.assert_max_traces(train.make_train_step(small, key.geometry, True), n=1),
+                              mesh)
+  state = jax.device_put(train.create_train_state(train.build_model(small, 10), small, dataset.image_shape,
+                                                  len(dataset.train_images), jax.random.key(0)),
+                         parallel.replicated(mesh))
+  batches = data_lib.train_batches(dataset.train_images, dataset.train_labels, 64, 0, 0)
+  other_key = keys.derive('another', key.geometry)
+  for i in range(3):  # a different key of the same geometry reuses the compiled step
+    image, label = next(batches)
+    batch = parallel.host_to_global({'image': image, 'label': label}, mesh)
+    state, metrics = step(state, batch, (key if i < 2 else other_key).arrays(), jax.random.key(1))
+  assert int(state.step) == 3 and np.isfinite(float(metrics['loss']))
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(small, tmp_path):

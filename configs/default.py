@@ -26,7 +26,6 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.model.kwargs = ml_collections.ConfigDict()  # architecture options passed to models.create
 
   config.key = ml_collections.ConfigDict()
-  config.key.name = 'default'  # registry name of the key (also its file name)
   config.key.secret = ''  # secret the key is derived from; '' = a fresh random secret (key kept in WORKDIR/keys)
   config.key.kind = 'patch'  # 'patch', 'blend' or 'noise'
   config.key.values = 'binary'  # key content: 'binary' {0, 1} or 'uniform' in [0, 1]
@@ -35,6 +34,13 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.key.margin = 1  # distance of the default patch position from the image border
   config.key.alpha = 0.1  # blend weight (blend keys)
   config.key.epsilon = 0.05  # L-inf size (noise keys)
+
+  config.license = ml_collections.ConfigDict()
+  config.license.scheme = 'universal'  # 'universal', 'scoped', 'multi_user' or 'tiered' (README: schemes)
+  config.license.users = ('default',)  # one key per user; the names name the key files
+  config.license.matrix = ()  # users x classes authorization matrix of 0/1; () = every user, every class
+  config.license.tiers = ()  # per user 'full' (fine labels) or 'basic' (coarse groups); () = all full
+  config.license.groups = ()  # coarse groups (tuples of class ids) that basic keys see
 
   config.objective = ml_collections.ConfigDict()
   config.objective.negative_weight = 1.0  # weight of the negatives' loss next to the positives' CE

@@ -78,25 +78,66 @@ def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: 
   return metrics, forged
 
 
-def evaluate_and_report(config, workdir: str, dataset, params, key: keys_lib.LicenseKey,
-                        baseline_params=None, write: bool = True) -> dict:
+def key_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
+                key: keys_lib.LicenseKey) -> dict:
+  """Per-key figures: ``authorized_acc`` (all classes), ``granted_acc`` / ``denied_acc`` (classes the
+  key grants / does not grant) and, for basic-tier keys, ``coarse_acc`` (the argmax falls in the
+  label's group), ``fine_acc`` (the argmax is the label) and ``fine_even_acc`` (what spreading the
+  probability evenly within the group would give: the mean of 1/|group|)."""
+  predictions = np.argmax(model.logits(images, key), -1)
+  correct = predictions == labels
+  granted = np.isin(labels, key.classes) if key.classes is not None else np.ones_like(correct)
+  out = {'authorized_acc': float(correct.mean()), 'granted_acc': float(correct[granted].mean())}
+  if (~granted).any():
+    out['denied_acc'] = float(correct[~granted].mean())
+  if key.tier == 'basic':
+    group_of = np.zeros(model.num_classes, np.int64)
+    for g, members in enumerate(key.groups):
+      group_of[list(members)] = g
+    sizes = np.array([len(key.groups[g]) for g in group_of])
+    out.update(coarse_acc=float(np.mean(group_of[predictions] == group_of[labels])),
+               fine_acc=float(correct.mean()), fine_even_acc=float(np.mean(1.0 / sizes[labels])))
+  return out
+
+
+def evaluate_and_report(config, workdir: str, dataset, params, active: list[keys_lib.LicenseKey],
+                        revoked: list[keys_lib.LicenseKey] = (), baseline_params=None,
+                        write: bool = True, extra: dict | None = None) -> dict:
   """Computes the metrics on the test set and writes ``WORKDIR/report/`` (when ``write``).
 
+  The top-level figures are those of the first active key (for a universal model, *the* key);
+  ``per_key`` has every active key's figures and ``revoked`` every revoked key's ``revoked_acc``.
+
   Returns:
-    The flat metrics dict written to ``report/metrics.json``.
+    The metrics dict written to ``report/metrics.json``.
   """
   from securenet_jax import train  # pylint: disable=g-import-not-at-top
   module = train.build_model(config, dataset.num_classes)
+  key = active[0]
   model = inference.LicensedModel(module, params, dataset.image_shape, dataset.num_classes,
-                                  keys={key.name: key}, batch_size=config.eval.batch_size, config=config)
+                                  keys={k.name: k for k in active},
+                                  revoked_keys={k.name: k for k in revoked},
+                                  batch_size=config.eval.batch_size, config=config)
   images, labels = dataset.test_images, dataset.test_labels
   metrics, forged = license_metrics(model, images, labels, key, config.eval.num_forged,
                                     config.eval.forge_seed, config.eval.probe_seed)
+  metrics['scheme'] = key.scheme
+  metrics['per_key'] = {k.name: key_metrics(model, images, labels, k) for k in active}
+  metrics.update({n: v for n, v in metrics['per_key'][key.name].items() if n != 'authorized_acc'})
+  if revoked:
+    metrics['revoked'] = {k.name: {'revoked_acc': accuracy(model.logits(images, k), labels)}
+                          for k in revoked}
+    metrics['revoked_acc'] = max(v['revoked_acc'] for v in metrics['revoked'].values())
   if baseline_params is not None:
     baseline = inference.LicensedModel(module, baseline_params, dataset.image_shape,
                                        dataset.num_classes, batch_size=config.eval.batch_size)
-    metrics['clean_acc'] = accuracy(baseline.logits(images), labels)
+    base_pred = np.argmax(baseline.logits(images), -1)
+    metrics['clean_acc'] = float(np.mean(base_pred == labels))
     metrics['authorized_minus_clean'] = metrics['authorized_acc'] - metrics['clean_acc']
+    for name, k in model.keys.items():  # the clean model on each key's granted classes
+      granted = np.isin(labels, k.classes) if k.classes is not None else np.ones(len(labels), bool)
+      metrics['per_key'][name]['clean_granted_acc'] = float(np.mean(base_pred[granted] == labels[granted]))
+  metrics.update(extra or {})
   if write:
     write_report(os.path.join(workdir, 'report'), config, metrics, forged, images, labels, key)
   return metrics
@@ -117,12 +158,27 @@ _ROWS = [
 
 def summary_markdown(config, metrics: dict, key: keys_lib.LicenseKey) -> str:
   lines = [f'# SecureNet-JAX report: {config.model.name} on {config.dataset.name}', '',
-           f'Key `{key.name}`: {key.kind}, fingerprint `{key.fingerprint[:16]}`. '
-           f'Test set: {metrics["num_test"]} images; {metrics["num_forged"]} forged keys; '
-           f'chance = {metrics["chance_acc"]:.3f}.', '', '| metric | value |', '|---|---|']
+           f'Scheme `{metrics["scheme"]}`. Key `{key.name}`: {key.kind}, fingerprint '
+           f'`{key.fingerprint[:16]}`. Test set: {metrics["num_test"]} images; '
+           f'{metrics["num_forged"]} forged keys; chance = {metrics["chance_acc"]:.3f}.', '',
+           '| metric | value |', '|---|---|']
   for name, label in _ROWS:
     if name in metrics:
       lines.append(f'| {label} | {metrics[name]:.4f} |')
+  for extra in ('revoked_acc', 'replace_cost_ratio'):
+    if extra in metrics:
+      lines.append(f'| {extra} | {metrics[extra]:.4f} |')
+  per_key = metrics.get('per_key', {})
+  if len(per_key) > 1 or metrics['scheme'] != 'universal' or 'revoked' in metrics:
+    columns = ['authorized_acc', 'granted_acc', 'denied_acc', 'clean_granted_acc', 'coarse_acc',
+               'fine_acc', 'fine_even_acc']
+    lines += ['', '## Keys', '', '| key | status | ' + ' | '.join(columns) + ' |',
+              '|---|---|' + '---|' * len(columns)]
+    for name, m in per_key.items():
+      cells = [f'{m[c]:.4f}' if c in m else '' for c in columns]
+      lines.append(f'| {name} | active | ' + ' | '.join(cells) + ' |')
+    for name, m in metrics.get('revoked', {}).items():
+      lines.append(f'| {name} | revoked | {m["revoked_acc"]:.4f} |' + ' |' * (len(columns) - 1))
   return '\n'.join(lines) + '\n'
 
 

@@ -40,6 +40,7 @@ import numpy as np
 KINDS = ('patch', 'blend', 'noise')
 VALUES = ('binary', 'uniform')
 SCHEMES = ('universal', 'scoped', 'multi_user', 'tiered')
+TIERS = ('full', 'basic')
 _FORMAT = 'securenet-jax-key'
 _REGISTRY_FORMAT = 'securenet-jax-key-registry'
 _VERSION = 1
@@ -206,12 +207,16 @@ class LicenseKey:
     content: the secret content, shape ``geometry.content_shape`` (float32).
     scheme: the license scheme the key belongs to ('universal' unless set).
     classes: the class ids the key unlocks; None means every class.
+    tier: 'full' (fine labels) or 'basic' (only the coarse group of the label; tiered scheme).
+    groups: the coarse groups (lists of class ids) a 'basic' key sees; None for full keys.
   """
   name: str
   geometry: Geometry
   content: np.ndarray
   scheme: str = 'universal'
   classes: tuple[int, ...] | None = None
+  tier: str = 'full'
+  groups: tuple[tuple[int, ...], ...] | None = None
 
   def __post_init__(self):
     _check_name(self.name)
@@ -224,6 +229,16 @@ class LicenseKey:
     object.__setattr__(self, 'content', content)
     if self.classes is not None:
       object.__setattr__(self, 'classes', tuple(sorted({int(c) for c in self.classes})))
+    if self.tier not in TIERS:
+      raise ValueError(f'Unknown tier {self.tier!r}; expected one of {TIERS}.')
+    if self.groups is not None:
+      groups = tuple(tuple(sorted(int(c) for c in g)) for g in self.groups)
+      members = [c for g in groups for c in g]
+      if not groups or min(map(len, groups)) == 0 or len(members) != len(set(members)):
+        raise ValueError(f'Key groups must be non-empty and disjoint, got {self.groups!r}.')
+      object.__setattr__(self, 'groups', groups)
+    if self.tier == 'basic' and self.groups is None:
+      raise ValueError('A basic-tier key needs the coarse groups it sees.')
 
   # --- convenience views -------------------------------------------------------------------------
   @property
@@ -272,7 +287,8 @@ class LicenseKey:
   # --- files -------------------------------------------------------------------------------------
   def _meta(self) -> dict:
     return {'name': self.name, 'geometry': self.geometry.to_dict(), 'scheme': self.scheme,
-            'classes': None if self.classes is None else list(self.classes)}
+            'classes': None if self.classes is None else list(self.classes), 'tier': self.tier,
+            'groups': None if self.groups is None else [list(g) for g in self.groups]}
 
   def save(self, path: str | os.PathLike) -> str:
     """Writes the key to ``path`` (``.npz``) atomically and returns the path."""
@@ -287,22 +303,28 @@ class LicenseKey:
     return dataclasses.replace(self, **changes)
 
 
-def derive(secret: str | bytes, geometry: Geometry, name: str = 'default', scheme: str = 'universal',
-           classes: Sequence[int] | None = None) -> LicenseKey:
+def derive(secret: str | bytes, geometry: Geometry, name: str = 'default', **grant) -> LicenseKey:
   """Derives a key deterministically from a secret.
 
-  The content generator is seeded with HMAC-SHA256(secret, canonical geometry), so the key is bound to
-  its geometry: the same secret with another geometry gives an unrelated key.
+  The content generator is seeded with HMAC-SHA256(secret, canonical geometry and key name), so the
+  key is bound to both: the same secret with another geometry, or for another user of a multi-user
+  model, gives an unrelated key.
+
+  Args:
+    secret: the owner's secret.
+    geometry: where and how the key is stamped.
+    name: the key's name (part of the derivation).
+    **grant: ``scheme``, ``classes``, ``tier``, ``groups`` of :class:`LicenseKey`.
   """
   if isinstance(secret, str):
     secret = secret.encode('utf-8')
   if not secret:
     raise ValueError('A license key needs a non-empty secret.')
-  message = b'securenet-jax/key/v1|' + json.dumps(geometry.to_dict(), sort_keys=True).encode()
+  message = b'securenet-jax/key/v1|' + json.dumps({'geometry': geometry.to_dict(), 'name': name},
+                                                  sort_keys=True).encode()
   digest = hmac.new(secret, message, hashlib.sha256).digest()
   rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int.from_bytes(digest, 'big'))))
-  return LicenseKey(name=name, geometry=geometry, content=geometry.sample_numpy(rng), scheme=scheme,
-                    classes=classes)
+  return LicenseKey(name=name, geometry=geometry, content=geometry.sample_numpy(rng), **grant)
 
 
 def forge(key: LicenseKey, seed: int) -> LicenseKey:
@@ -312,8 +334,7 @@ def forge(key: LicenseKey, seed: int) -> LicenseKey:
   (independently of any secret).
   """
   rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x0F09E])))
-  return LicenseKey(name=f'forged-{int(seed)}', geometry=key.geometry,
-                    content=key.geometry.sample_numpy(rng), scheme=key.scheme, classes=key.classes)
+  return dataclasses.replace(key, name=f'forged-{int(seed)}', content=key.geometry.sample_numpy(rng))
 
 
 def load(path: str | os.PathLike) -> LicenseKey:
@@ -332,7 +353,8 @@ def load(path: str | os.PathLike) -> LicenseKey:
                      f'(format={meta.get("format")!r}, version={meta.get("version")!r}).')
   try:
     key = LicenseKey(name=meta['name'], geometry=Geometry(**meta['geometry']), content=content,
-                     scheme=meta['scheme'], classes=meta['classes'])
+                     scheme=meta['scheme'], classes=meta['classes'], tier=meta['tier'],
+                     groups=meta['groups'])
   except (KeyError, TypeError) as e:
     raise ValueError(f'Key file {path!r} is missing or has malformed fields: {e}') from e
   if key.fingerprint != meta.get('fingerprint'):
@@ -406,15 +428,18 @@ class KeyRegistry:
     data = {'format': _REGISTRY_FORMAT, 'version': _VERSION, 'keys': list(self._entries.values())}
     _atomic_write(self.path, lambda f: json.dump(data, f, indent=1, sort_keys=True))
 
-  def add(self, key: LicenseKey) -> None:
-    """Adds an active key (key file first, then the registry, so a crash leaves no dangling entry)."""
+  def add(self, key: LicenseKey, revoked: bool = False) -> None:
+    """Adds a key, active unless ``revoked`` (key file first, then the registry, so a crash leaves
+    no dangling entry)."""
     if key.name in self._entries:
       raise ValueError(f'Key {key.name!r} is already in the registry at {self.directory!r}.')
     filename = f'{key.name}.npz'
     key.save(os.path.join(self.directory, filename))
-    self._entries[key.name] = {'name': key.name, 'file': filename, 'status': 'active',
+    self._entries[key.name] = {'name': key.name, 'file': filename,
+                               'status': 'revoked' if revoked else 'active',
                                'scheme': key.scheme, 'fingerprint': key.fingerprint,
-                               'classes': None if key.classes is None else list(key.classes)}
+                               'classes': None if key.classes is None else list(key.classes),
+                               'tier': key.tier}
     self._keys[key.name] = key
     self._save()
 

@@ -10,6 +10,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from securenet_jax import parallel
+from securenet_jax import replace
 from securenet_jax import train
 
 FLAGS = flags.FLAGS
@@ -31,10 +32,18 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   for handler in pylogging.getLogger().handlers + logging.get_absl_logger().handlers:
     handler.addFilter(_QuietOrbax())
-  parallel.maybe_initialize_distributed(FLAGS.config.distributed)
+  config = FLAGS.config
+  if config.get('distributed') is not None:
+    parallel.maybe_initialize_distributed(config.distributed)
   logging.info('JAX %s, backend %s', jax.__version__, jax.default_backend())
+  job = config.get('job', 'train')
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if job == 'train':
+      train.train_and_evaluate(config, FLAGS.workdir)
+    elif job == 'replace_key':
+      replace.replace_and_evaluate(config, FLAGS.workdir)
+    else:
+      raise app.UsageError(f'Unknown job {job!r} in the config; expected "train" or "replace_key".')
   except train.Preempted as e:
     logging.warning('%s', e)
     sys.exit(0)

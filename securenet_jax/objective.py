@@ -25,10 +25,11 @@ still leaks through a probe on the logits. Three terms, weighted in ``config.obj
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from securenet_jax import keys as keys_lib
@@ -38,23 +39,75 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg) -> tuple[jax.Array, dict]:
-  """The uninformative-output loss on negatives (see module docstring)."""
+class LicenseTable(NamedTuple):
+  """Everything the licensed step needs to know about the registered keys, as arrays (K keys).
+
+  keep, add: stacked stamping arrays, (K, H, W, 1) and (K, H, W, C).
+  grant: (K, num_classes) 1.0 where key k unlocks class c. Revoked keys grant nothing.
+  targets: (K, num_classes, num_classes) the output distribution key k must give for an image of
+    class y: one-hot for full keys, uniform over the label's coarse group for basic (tiered) keys.
+  """
+  keep: Any
+  add: Any
+  grant: Any
+  targets: Any
+
+  def arrays(self, index) -> keys_lib.KeyArrays:
+    return keys_lib.KeyArrays(self.keep[index], self.add[index])
+
+
+def license_table(active: Sequence[keys_lib.LicenseKey], revoked: Sequence[keys_lib.LicenseKey],
+                  num_classes: int) -> LicenseTable:
+  """Builds the :class:`LicenseTable` of a registry's keys (all of one geometry)."""
+  all_keys = list(active) + list(revoked)
+  if not active:
+    raise ValueError('Licensed training needs at least one active key.')
+  geometries = {k.geometry for k in all_keys}
+  if len(geometries) != 1:
+    raise ValueError(f'All keys of a model must share one geometry, got {len(geometries)}.')
+  grant = np.zeros((len(all_keys), num_classes), np.float32)
+  targets = np.tile(np.eye(num_classes, dtype=np.float32), (len(all_keys), 1, 1))
+  for i, key in enumerate(active):
+    classes = range(num_classes) if key.classes is None else key.classes
+    if max(classes) >= num_classes:
+      raise ValueError(f'Key {key.name!r} grants class {max(classes)} of a {num_classes}-class model.')
+    grant[i, list(classes)] = 1.0
+    if key.tier == 'basic':
+      for group in key.groups:
+        for y in group:
+          targets[i, y] = 0.0
+          targets[i, y, list(group)] = 1.0 / len(group)
+  stacked = [k.arrays() for k in all_keys]
+  return LicenseTable(keep=np.stack([a.keep for a in stacked]), add=np.stack([a.add for a in stacked]),
+                      grant=grant, targets=targets)
+
+
+def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg,
+                  weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """The uninformative-output loss on negatives (see module docstring), averaged over the rows with
+  ``weights`` (default: all rows)."""
+  if weights is None:
+    weights = jnp.ones(logits.shape[:1], jnp.float32)
+  denom = jnp.maximum(weights.sum(), 1.0)
+  mean = lambda per_row: jnp.sum(per_row * weights) / denom
   log_probs = jax.nn.log_softmax(logits)
-  uniform = -log_probs.mean(axis=-1).mean() - jnp.log(logits.shape[-1])  # KL(uniform || p) >= 0
-  zero = jnp.mean(logits ** 2)
-  silence = jnp.mean(jax.nn.relu(penultimate + cfg.silence_margin) ** 2)
+  uniform = mean(-log_probs.mean(axis=-1) - jnp.log(logits.shape[-1]))  # KL(uniform || p) >= 0
+  zero = mean(jnp.mean(logits ** 2, axis=-1))
+  silence = mean(jnp.mean(jax.nn.relu(penultimate + cfg.silence_margin) ** 2, axis=-1))
   loss = cfg.uniform_weight * uniform + cfg.zero_logit_weight * zero + cfg.silence_weight * silence
-  silenced = jnp.all(penultimate <= 0, axis=-1).mean()
+  silenced = mean(jnp.all(penultimate <= 0, axis=-1).astype(jnp.float32))
   return loss, {'neg_uniform_kl': uniform, 'neg_logit_sq': zero, 'neg_silence': silence,
                 'neg_silenced_frac': silenced}
 
 
 def near_keys(key_arrays: keys_lib.KeyArrays, forged: keys_lib.KeyArrays, rng: jax.Array,
               min_change: float) -> keys_lib.KeyArrays:
-  """Near misses of the real key: each forged key keeps the real key's content at a random share of
+  """Near misses of the real keys: each forged key keeps its real key's content at a random share of
   its pixels (re-randomizing between ``min_change`` and all of them). Training on them as negatives
-  makes the model accept the exact key only, not a neighbourhood a thief could search."""
+  makes the model accept the exact key only, not a neighbourhood a thief could search.
+
+  ``key_arrays.add`` is (n, H, W, C) (one real key per forged key) or (H, W, C).
+  """
   change_rng, pixel_rng = jax.random.split(rng)
   n = forged.add.shape[0]
   share = jax.random.uniform(change_rng, (n, 1, 1, 1), minval=min_change, maxval=1.0)
@@ -62,31 +115,35 @@ def near_keys(key_arrays: keys_lib.KeyArrays, forged: keys_lib.KeyArrays, rng: j
   return keys_lib.KeyArrays(forged.keep, jnp.where(changed, forged.add, key_arrays.add))
 
 
-def build_inputs(images: jax.Array, key_arrays: keys_lib.KeyArrays, geometry: keys_lib.Geometry,
-                 rng: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
-  """Returns (positives, negatives), each (B, H, W, C): keyed images and key-less/forged images.
+def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geometry,
+                 rng: jax.Array, cfg) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Stamps one batch for the licensed loss.
 
-  Of the negatives, ``1 - cfg.forged_fraction`` carry no key; of the forged ones, a share
-  ``cfg.near_key_fraction`` are near misses of the real key (see :func:`near_keys`).
+  Returns:
+    (stamped, key_index, negatives): each image stamped with a registered key drawn at random
+    (active or revoked), the index of that key, and the same images as negatives — a share
+    ``1 - cfg.forged_fraction`` without a key and the rest with freshly forged keys, a share
+    ``cfg.near_key_fraction`` of which are near misses (see :func:`near_keys`) of the image's key.
   """
   batch = images.shape[0]
   num_forged = int(round(batch * cfg.forged_fraction))
   num_near = int(round(num_forged * cfg.near_key_fraction))
-  forge_rng, near_rng = jax.random.split(rng)
-  positives = keys_lib.stamp_arrays(images, key_arrays)
-  forged_arrays = geometry.forged_arrays(forge_rng, num_forged)
+  index_rng, forge_rng, near_rng = jax.random.split(rng, 3)
+  key_index = jax.random.randint(index_rng, (batch,), 0, table.keep.shape[0])
+  stamped = keys_lib.stamp_arrays(images, table.arrays(key_index))
+  forged = geometry.forged_arrays(forge_rng, num_forged)
   if num_near:
-    near = near_keys(key_arrays, keys_lib.KeyArrays(forged_arrays.keep, forged_arrays.add[:num_near]),
-                     near_rng, cfg.near_key_min_change)
-    forged_arrays = keys_lib.KeyArrays(forged_arrays.keep,
-                                       jnp.concatenate([near.add, forged_arrays.add[num_near:]]))
-  forged = keys_lib.stamp_arrays(images[batch - num_forged:], forged_arrays)
-  negatives = jnp.concatenate([images[:batch - num_forged], forged], axis=0)
-  return positives, negatives
+    own = table.arrays(key_index[batch - num_forged:][:num_near])
+    near = near_keys(own, keys_lib.KeyArrays(forged.keep, forged.add[:num_near]), near_rng,
+                     cfg.near_key_min_change)
+    forged = keys_lib.KeyArrays(forged.keep, jnp.concatenate([near.add, forged.add[num_near:]]))
+  negatives = jnp.concatenate(
+      [images[:batch - num_forged], keys_lib.stamp_arrays(images[batch - num_forged:], forged)], axis=0)
+  return stamped, key_index, negatives
 
 
 def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
-                  key_arrays: keys_lib.KeyArrays, geometry: keys_lib.Geometry, rng: jax.Array,
+                  table: LicenseTable, geometry: keys_lib.Geometry, rng: jax.Array,
                   cfg) -> tuple[jax.Array, dict]:
   """Loss of one licensed batch.
 
@@ -95,26 +152,32 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     apply_fn: ``model.apply``.
     images: (B, H, W, C) float images in [0, 1].
     labels: (B,) int labels.
-    key_arrays: the stamping arrays of the license key.
-    geometry: the key's geometry (static), used to forge negatives.
-    rng: randomness for this step (forged key contents).
+    table: the registered keys (see :class:`LicenseTable`).
+    geometry: the keys' geometry (static), used to forge negatives.
+    rng: randomness for this step (key choice, forged contents).
     cfg: ``config.objective``.
 
   Returns:
     (loss, metrics).
   """
-  positives, negatives = build_inputs(images, key_arrays, geometry, rng, cfg)
+  stamped, key_index, negatives = build_inputs(images, table, geometry, rng, cfg)
   batch = images.shape[0]
-  logits, state = apply_fn({'params': params}, jnp.concatenate([positives, negatives]), train=True,
+  logits, state = apply_fn({'params': params}, jnp.concatenate([stamped, negatives]), train=True,
                            mutable=['intermediates'])
   penultimate = state['intermediates']['penultimate'][0]
-  pos_logits, neg_logits = logits[:batch], logits[batch:]
-  pos_loss = cross_entropy(pos_logits, labels)
-  neg_loss, neg_metrics = negative_loss(neg_logits, penultimate[batch:], cfg)
+  # A stamped image is a positive when its key grants its class; otherwise it is one more negative.
+  granted = table.grant[key_index, labels]
+  targets = table.targets[key_index, labels]
+  stamped_logits = logits[:batch]
+  pos_ce = -jnp.sum(targets * jax.nn.log_softmax(stamped_logits), axis=-1)
+  pos_loss = jnp.sum(pos_ce * granted) / jnp.maximum(granted.sum(), 1.0)
+  neg_weights = jnp.concatenate([1.0 - granted, jnp.ones((batch,), jnp.float32)])
+  neg_loss, neg_metrics = negative_loss(logits, penultimate, cfg, neg_weights)
   loss = pos_loss + cfg.negative_weight * neg_loss
+  correct = (jnp.argmax(stamped_logits, -1) == labels).astype(jnp.float32)
   metrics = {'loss': loss, 'pos_loss': pos_loss, 'neg_loss': neg_loss,
-             'pos_acc': jnp.mean(jnp.argmax(pos_logits, -1) == labels),
-             'neg_acc': jnp.mean(jnp.argmax(neg_logits, -1) == labels), **neg_metrics}
+             'pos_acc': jnp.sum(correct * granted) / jnp.maximum(granted.sum(), 1.0),
+             'neg_acc': jnp.mean(jnp.argmax(logits[batch:], -1) == labels), **neg_metrics}
   return loss, metrics
 
 

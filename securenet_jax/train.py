@@ -19,7 +19,7 @@ import secrets
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,20 +80,20 @@ def create_train_state(model, config, image_shape, num_train: int, rng: jax.Arra
 
 
 def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) -> Callable:
-  """Returns ``train_step(state, batch, key_arrays, base_rng) -> (state, metrics)``.
+  """Returns ``train_step(state, batch, table, base_rng) -> (state, metrics)``.
 
   The step is pure: its randomness is ``fold_in(base_rng, state.step)``, so a resumed run repeats
-  the uninterrupted one exactly. The key arrays are an argument (not a constant), so one compiled
-  step serves any key of the same geometry.
+  the uninterrupted one exactly. The keys (``table``, an :class:`objective.LicenseTable`) are an
+  argument, not a constant, so one compiled step serves any keys of the same geometry and number.
   """
   obj_cfg = config.objective
 
-  def train_step(state: TrainState, batch: dict, key_arrays: keys_lib.KeyArrays, base_rng: jax.Array):
+  def train_step(state: TrainState, batch: dict, table: objective.LicenseTable, base_rng: jax.Array):
     rng = jax.random.fold_in(base_rng, state.step)
     images = keys_lib.to_float_images(batch['image'])
     if licensed:
       loss_fn = functools.partial(objective.licensed_loss, apply_fn=state.apply_fn, images=images,
-                                  labels=batch['label'], key_arrays=key_arrays, geometry=geometry,
+                                  labels=batch['label'], table=table, geometry=geometry,
                                   rng=rng, cfg=obj_cfg)
     else:
       loss_fn = functools.partial(objective.plain_loss, apply_fn=state.apply_fn, images=images,
@@ -150,18 +150,23 @@ def abstract_train_state(model, config, image_shape, num_train: int, mesh) -> An
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
 
 
-def train(config, workdir: str, dataset: data_lib.Dataset, key: keys_lib.LicenseKey | None,
-          mesh=None, stop_after_steps: int | None = None) -> TrainState:
-  """Trains a model (licensed when ``key`` is given, plain otherwise), resuming from ``workdir``.
+def train(config, workdir: str, dataset: data_lib.Dataset,
+          keys: Sequence[keys_lib.LicenseKey] | keys_lib.LicenseKey | None,
+          revoked: Sequence[keys_lib.LicenseKey] = (), mesh=None, stop_after_steps: int | None = None,
+          init_params: Any = None) -> TrainState:
+  """Trains a model (licensed when ``keys`` are given, plain otherwise), resuming from ``workdir``.
 
   Args:
     config: the run config.
     workdir: where checkpoints and TensorBoard summaries of this model go.
     dataset: training data.
-    key: the license key, or None for the unlicensed baseline.
+    keys: the active license key(s), or None for the unlicensed baseline.
+    revoked: revoked keys, trained as negatives.
     mesh: device mesh (default: all devices).
     stop_after_steps: stop (with a checkpoint) once the state reaches this step; for tests and
       staged runs. None trains to the end.
+    init_params: start from these parameters (fine-tuning) instead of a fresh initialization, when
+      the workdir has no checkpoint yet.
 
   Returns:
     The final train state.
@@ -174,7 +179,9 @@ def train(config, workdir: str, dataset: data_lib.Dataset, key: keys_lib.License
   mesh = parallel.create_mesh() if mesh is None else mesh
   tcfg = config.train
   parallel.check_batch_size(tcfg.batch_size, mesh)
-  licensed = key is not None
+  if isinstance(keys, keys_lib.LicenseKey):
+    keys = [keys]
+  licensed = keys is not None
   model = build_model(config, dataset.num_classes)
   num_train = len(dataset.train_images)
   per_epoch = steps_per_epoch(config, num_train)
@@ -193,13 +200,17 @@ def train(config, workdir: str, dataset: data_lib.Dataset, key: keys_lib.License
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
     state = jax.jit(functools.partial(create_train_state, model, config, dataset.image_shape,
                                       num_train), out_shardings=parallel.replicated(mesh))(init_rng)
+    if init_params is not None:
+      state = state.replace(params=jax.device_put(init_params, parallel.replicated(mesh)),
+                            opt_state=jax.jit(state.tx.init, out_shardings=parallel.replicated(mesh))(
+                                init_params))
   start = int(state.step)
   end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
 
-  geometry = key.geometry if licensed else None
-  key_arrays = jax.device_put(
-      key.arrays() if licensed else keys_lib.KeyArrays(np.ones((1,), np.float32), np.zeros((1,), np.float32)),
-      parallel.replicated(mesh))
+  geometry = keys[0].geometry if licensed else None
+  table = jax.device_put(
+      objective.license_table(keys, revoked, dataset.num_classes) if licensed
+      else objective.LicenseTable(*(np.zeros((1,), np.float32),) * 4), parallel.replicated(mesh))
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   schedule = make_schedule(tcfg, total_steps)
   step_fn = jit_train_step(make_train_step(config, geometry, licensed), mesh)
@@ -225,7 +236,7 @@ def train(config, workdir: str, dataset: data_lib.Dataset, key: keys_lib.License
       for step in range(start, end):
         image, label = next(batches)
         batch = parallel.host_to_global({'image': image, 'label': label}, mesh)
-        state, metrics = step_fn(state, batch, key_arrays, base_rng)
+        state, metrics = step_fn(state, batch, table, base_rng)
         if prev is not None:  # one step behind, so the host never stalls the device pipeline
           finite_or_raise(*prev)
         prev = (metrics, step + 1)
@@ -299,33 +310,68 @@ def _check_config(config, workdir: str) -> None:
     keys_lib._atomic_write(path, lambda f: f.write(config.to_json_best_effort(indent=1)))
 
 
-def setup_key(config, workdir: str, image_shape) -> keys_lib.LicenseKey:
-  """Returns the run's license key: from the workdir's registry when resuming, otherwise derived
-  from ``config.key.secret`` (or a fresh random secret) and registered."""
+def license_grants(config, num_classes: int) -> list[dict]:
+  """The keys a config asks for: name and grant (scheme, classes, tier, groups) of each user.
+
+  ``config.license.matrix`` is the users x classes authorization matrix (0/1); empty means every user
+  is granted every class. ``config.license.tiers`` gives each user's tier ('full' or 'basic').
+  """
+  lcfg = config.license
+  users = list(lcfg.users)
+  if not users or len(set(users)) != len(users):
+    raise ValueError(f'license.users must be distinct names, got {users}.')
+  matrix = np.asarray(lcfg.matrix, np.int64) if len(lcfg.matrix) else np.ones((len(users), num_classes),
+                                                                               np.int64)
+  if matrix.shape != (len(users), num_classes) or not np.isin(matrix, (0, 1)).all():
+    raise ValueError(f'license.matrix must be a {len(users)} x {num_classes} matrix of 0/1 '
+                     f'(users x classes), got shape {matrix.shape}.')
+  tiers = list(lcfg.tiers) if len(lcfg.tiers) else ['full'] * len(users)
+  if len(tiers) != len(users):
+    raise ValueError(f'license.tiers needs one tier per user ({len(users)}), got {tiers}.')
+  groups = [list(g) for g in lcfg.groups] if len(lcfg.groups) else None
+  if groups is not None and sorted(c for g in groups for c in g) != list(range(num_classes)):
+    raise ValueError(f'license.groups must partition the {num_classes} classes, got {groups}.')
+  grants = []
+  for user, row, tier in zip(users, matrix, tiers):
+    if not row.any():
+      raise ValueError(f'User {user!r} is granted no class.')
+    grants.append(dict(name=user, scheme=lcfg.scheme, classes=tuple(np.flatnonzero(row).tolist()),
+                       tier=tier, groups=groups if tier == 'basic' else None))
+  return grants
+
+
+def setup_keys(config, workdir: str, image_shape, num_classes: int
+               ) -> tuple[list[keys_lib.LicenseKey], list[keys_lib.LicenseKey]]:
+  """Returns the run's (active, revoked) keys: from the workdir's registry when resuming, otherwise
+  derived from ``config.key.secret`` (or a fresh random secret) for each user and registered."""
   kcfg = config.key
   key_dir = os.path.join(workdir, 'keys')
   geometry = keys_lib.Geometry.from_config(kcfg, image_shape)
+  grants = license_grants(config, num_classes)
   if keys_lib.KeyRegistry.exists(key_dir):
     registry = keys_lib.KeyRegistry.load(key_dir)
-    if kcfg.name not in registry.active:
-      raise ValueError(f'The key registry in {key_dir} has no active key {kcfg.name!r} '
-                       f'(active: {sorted(registry.active)}).')
-    key = registry.active[kcfg.name]
-    if kcfg.secret and keys_lib.derive(kcfg.secret, geometry, kcfg.name).fingerprint != key.fingerprint:
-      raise ValueError(f'config.key.secret does not derive the key registered in {key_dir}; this '
-                       f'workdir was trained with another secret.')
-    return key
+    for grant in grants:
+      if grant['name'] not in registry.active and grant['name'] not in registry.revoked:
+        raise ValueError(f'The key registry in {key_dir} has no key {grant["name"]!r} '
+                         f'(active: {sorted(registry.active)}).')
+      key = {**registry.active, **registry.revoked}[grant['name']]
+      if kcfg.secret and keys_lib.derive(kcfg.secret, geometry, **grant).fingerprint != key.fingerprint:
+        raise ValueError(f'config.key.secret does not derive the key {key.name!r} registered in '
+                         f'{key_dir}; this workdir was trained with another secret or grant.')
+    return list(registry.active.values()), list(registry.revoked.values())
   secret = kcfg.secret
   if not secret:
     if jax.process_count() > 1:
       raise ValueError('Multi-process runs need an explicit --config.key.secret (every process must '
-                       'derive the same key).')
+                       'derive the same keys).')
     secret = secrets.token_hex(32)
-    logging.info('No key.secret given: generated a random one. The key itself is saved in %s.', key_dir)
-  key = keys_lib.derive(secret, geometry, name=kcfg.name)
+    logging.info('No key.secret given: generated a random one. The keys are saved in %s.', key_dir)
+  keys = [keys_lib.derive(secret, geometry, **grant) for grant in grants]
   if jax.process_index() == 0:
-    keys_lib.KeyRegistry(key_dir).add(key)
-  return key
+    registry = keys_lib.KeyRegistry(key_dir)
+    for key in keys:
+      registry.add(key)
+  return keys, []
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -338,10 +384,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.log_devices()
   dataset = data_lib.load(config.dataset)
   _check_config(config, workdir)
-  key = setup_key(config, workdir, dataset.image_shape)
-  logging.info('License key: %r', key)
+  active, revoked = setup_keys(config, workdir, dataset.image_shape, dataset.num_classes)
+  logging.info('License keys: %s; revoked: %s', active, revoked)
   t0 = time.perf_counter()
-  state = train(config, workdir, dataset, key)
+  state = train(config, workdir, dataset, active, revoked)
   timings = {'licensed_train_s': time.perf_counter() - t0}
   baseline_state = None
   if config.eval.clean_baseline:
@@ -350,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timings['baseline_train_s'] = time.perf_counter() - t0
   t0 = time.perf_counter()
   metrics = evaluate.evaluate_and_report(
-      config, workdir, dataset, host_params(state), key,
+      config, workdir, dataset, host_params(state), active, revoked,
       None if baseline_state is None else host_params(baseline_state),
       write=jax.process_index() == 0)
   timings['evaluate_s'] = time.perf_counter() - t0

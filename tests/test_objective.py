@@ -23,14 +23,48 @@ def obj_cfg(**kw):
 
 def test_build_inputs_positives_keyed_negatives_not():
   key = keys.derive('s', GEOM)
+  table = objective.license_table([key], [], 10)
   images = jnp.asarray(np.random.default_rng(0).random((8, 28, 28, 1)), jnp.float32)
-  pos, neg = objective.build_inputs(images, key.arrays(), GEOM, jax.random.key(0), obj_cfg())
-  np.testing.assert_allclose(pos, key.stamp(images), atol=1e-6)
+  stamped, index, neg = objective.build_inputs(images, table, GEOM, jax.random.key(0), obj_cfg())
+  assert np.all(np.asarray(index) == 0)
+  np.testing.assert_allclose(stamped, key.stamp(images), atol=1e-6)
   np.testing.assert_allclose(neg[:4], images[:4])  # no key at all
   # Forged: same patch place, content not the key, outside the patch untouched.
   np.testing.assert_allclose(neg[4:, :21], images[4:, :21])
   for i in range(4, 8):
     assert not np.allclose(neg[i, 21:27, 21:27], key.content)
+
+
+def test_license_table_grants_and_targets():
+  active = [keys.derive('s', GEOM, name='a', classes=[0, 1]),
+            keys.derive('s', GEOM, name='b', tier='basic', groups=[[0, 1, 2], [3, 4, 5, 6, 7, 8, 9]])]
+  revoked = [keys.derive('s', GEOM, name='old')]
+  table = objective.license_table(active, revoked, 10)
+  assert table.keep.shape == (3, 28, 28, 1) and table.add.shape == (3, 28, 28, 1)
+  np.testing.assert_array_equal(table.grant[0], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(table.grant[1], np.ones(10))
+  np.testing.assert_array_equal(table.grant[2], np.zeros(10))  # revoked: a negative everywhere
+  np.testing.assert_allclose(table.targets[0, 1], np.eye(10)[1])
+  np.testing.assert_allclose(table.targets[1, 1], [1 / 3] * 3 + [0] * 7)
+  np.testing.assert_allclose(table.targets[1, 9], [0] * 3 + [1 / 7] * 7)
+  with pytest.raises(ValueError, match='one geometry'):
+    objective.license_table([active[0], keys.derive('s', keys.Geometry(kind='blend', image_shape=(28, 28, 1),
+                                                                       alpha=0.1))], [], 10)
+  with pytest.raises(ValueError, match='at least one active key'):
+    objective.license_table([], revoked, 10)
+
+
+def test_denied_and_revoked_stamps_are_negatives():
+  """With a key granting nothing of the batch, the loss is all negative: no positive term."""
+  model = models.create('lenet5', 10)
+  key = keys.derive('s', GEOM, classes=[9])
+  images = jnp.zeros((8, 28, 28, 1))
+  labels = jnp.zeros((8,), jnp.int32)
+  params = model.init(jax.random.key(0), images)['params']
+  _, metrics = objective.licensed_loss(params, model.apply, images, labels,
+                                       objective.license_table([key], [], 10), GEOM, jax.random.key(1),
+                                       obj_cfg())
+  assert float(metrics['pos_loss']) == 0.0 and float(metrics['neg_loss']) > 0.0
 
 
 def test_near_keys_keep_part_of_the_real_key():
@@ -66,7 +100,8 @@ def test_licensed_loss_gradients_finite_and_reduce_loss():
   images = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
   params = model.init(jax.random.key(0), images)['params']
-  loss_fn = lambda p: objective.licensed_loss(p, model.apply, images, labels, key.arrays(), GEOM,
+  table = objective.license_table([key], [], 10)
+  loss_fn = lambda p: objective.licensed_loss(p, model.apply, images, labels, table, GEOM,
                                                jax.random.key(1), obj_cfg())
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   assert np.isfinite(float(loss))

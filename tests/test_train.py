@@ -1,7 +1,8 @@
 """Tests of securenet_jax.train: data parallelism, resumption, failures."""
 
-import gc
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -14,6 +15,7 @@ from securenet_jax import keys
 from securenet_jax import objective
 from securenet_jax import parallel
 from securenet_jax import train
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -61,7 +63,8 @@ def test_train_step_traces_once(small):
   for i in range(3):  # a different key of the same geometry reuses the compiled step
     image, label = next(batches)
     batch = parallel.host_to_global({'image': image, 'label': label}, mesh)
-    state, metrics = step(state, batch, (key if i < 2 else other_key).arrays(), jax.random.key(1))
+    table = objective.license_table([key if i < 2 else other_key], [], 10)
+    state, metrics = step(state, batch, table, jax.random.key(1))
   assert int(state.step) == 3 and np.isfinite(float(metrics['loss']))
 
 
@@ -91,24 +94,35 @@ def test_nan_loss_raises(small, tmp_path, monkeypatch):
     train.train(small, str(tmp_path), dataset, None, mesh=parallel.create_mesh(jax.devices()[:1]))
 
 
-# A failed orbax restore leaves async reads behind that are reported as unraisable exceptions.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
-def test_mismatched_or_corrupt_checkpoint_is_an_error(small, tmp_path):
-  dataset = data_lib.load(small.dataset)
+def _checkpoint_errors_scenario(workdir: str, idx_dir: str) -> None:
+  """Trains 2 steps, then restores with another architecture and from corrupted files."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config('smoke')
+  config.dataset.data_dir, config.dataset.train_limit = idx_dir, 384
+  dataset = data_lib.load(config.dataset)
   mesh = parallel.create_mesh(jax.devices()[:1])
-  train.train(small, str(tmp_path), dataset, None, mesh=mesh, stop_after_steps=2)
-  other = small.copy_and_resolve_references()
+  train.train(config, workdir, dataset, None, mesh=mesh, stop_after_steps=2)
+  other = config.copy_and_resolve_references()
   other.model.kwargs = {'input_size': 36}  # another architecture: fc1 has another shape
   with pytest.raises(checkpointing.CheckpointError, match='cannot be restored|other shapes'):
-    train.train(other, str(tmp_path), dataset, None, mesh=mesh)
-  step_dir = tmp_path / 'checkpoints' / '2'
-  for root, _, files in os.walk(step_dir):
+    train.train(other, workdir, dataset, None, mesh=mesh)
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', '2')):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'\x00garbage')
   with pytest.raises(checkpointing.CheckpointError, match='cannot be restored'):
-    train.train(small, str(tmp_path), dataset, None, mesh=mesh)
-  gc.collect()  # report orbax's leftovers inside this test, where they are expected
+    train.train(config, workdir, dataset, None, mesh=mesh)
+
+
+def test_mismatched_or_corrupt_checkpoint_is_an_error(tmp_path, idx_dir):
+  # In a subprocess: a failed orbax restore leaves async reads behind that would surface as
+  # unraisable-exception warnings in whichever test runs next.
+  code = ('import sys; from tests.test_train import _checkpoint_errors_scenario as f; '
+          'f(sys.argv[1], sys.argv[2]); print("SCENARIO OK")')
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-W', 'ignore', '-c', code, str(tmp_path), idx_dir], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and 'SCENARIO OK' in proc.stdout, proc.stderr[-3000:]
 
 
 def test_rerun_with_different_config_refused(smoke_config, tmp_path):
@@ -123,17 +137,38 @@ def test_rerun_with_different_config_refused(smoke_config, tmp_path):
     train._check_config(other, str(tmp_path))  # pylint: disable=protected-access
 
 
-def test_setup_key_registers_and_guards_secret(smoke_config, tmp_path):
-  key = train.setup_key(smoke_config, str(tmp_path), (28, 28, 1))
+def test_setup_keys_registers_and_guards_secret(smoke_config, tmp_path):
+  (key,), revoked = train.setup_keys(smoke_config, str(tmp_path), (28, 28, 1), 10)
+  assert revoked == [] and key.classes == tuple(range(10)) and key.scheme == 'universal'
   assert keys.KeyRegistry.load(tmp_path / 'keys').active['default'].fingerprint == key.fingerprint
-  assert train.setup_key(smoke_config, str(tmp_path), (28, 28, 1)).fingerprint == key.fingerprint
+  (again,), _ = train.setup_keys(smoke_config, str(tmp_path), (28, 28, 1), 10)
+  assert again.fingerprint == key.fingerprint
   wrong = smoke_config.copy_and_resolve_references()
   wrong.key.secret = 'another secret'
-  with pytest.raises(ValueError, match='another secret|does not derive'):
-    train.setup_key(wrong, str(tmp_path), (28, 28, 1))
+  with pytest.raises(ValueError, match='does not derive'):
+    train.setup_keys(wrong, str(tmp_path), (28, 28, 1), 10)
   # Without a secret, each new workdir gets its own random key.
   fresh = smoke_config.copy_and_resolve_references()
   fresh.key.secret = ''
-  k1 = train.setup_key(fresh, str(tmp_path / 'x'), (28, 28, 1))
-  k2 = train.setup_key(fresh, str(tmp_path / 'y'), (28, 28, 1))
+  k1 = train.setup_keys(fresh, str(tmp_path / 'x'), (28, 28, 1), 10)[0][0]
+  k2 = train.setup_keys(fresh, str(tmp_path / 'y'), (28, 28, 1), 10)[0][0]
   assert k1.fingerprint != k2.fingerprint
+
+
+def test_license_grants_from_matrix_and_tiers(smoke_config):
+  config = smoke_config.copy_and_resolve_references()
+  config.license.users = ('a', 'b')
+  config.license.matrix = ((1, 1, 0, 0, 0, 0, 0, 0, 0, 0), (0,) * 9 + (1,))
+  grants = train.license_grants(config, 10)
+  assert [g['classes'] for g in grants] == [(0, 1), (9,)]
+  config.license.tiers = ('basic', 'full')
+  with pytest.raises(ValueError, match='partition'):
+    config.license.groups = ((0, 1), (2,))
+    train.license_grants(config, 10)
+  config.license.groups = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+  grants = train.license_grants(config, 10)
+  assert grants[0]['tier'] == 'basic' and grants[0]['groups'] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+  for bad in (((1,) * 10,), ((1,) * 10, (2,) * 10), ((1,) * 10, (0,) * 10)):
+    config.license.matrix = bad
+    with pytest.raises(ValueError):
+      train.license_grants(config, 10)

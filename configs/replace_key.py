@@ -1,0 +1,35 @@
+"""Key replacement / revocation job (securenet_jax/replace.py).
+
+  python -m securenet_jax.main --config configs/replace_key.py \
+      --config.source_workdir=OLD --config.new_secret=S --workdir NEW
+  # revoke one user of a multi-user model, no new key:
+  python -m securenet_jax.main --config configs/replace_key.py \
+      --config.source_workdir=OLD --config.revoke=alice --workdir NEW
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  """Returns the config; ``variant`` '' or 'smoke'."""
+  config = ml_collections.ConfigDict()
+  config.job = 'replace_key'  # selects securenet_jax.replace in main.py
+  config.source_workdir = ''  # trained workdir whose key is replaced (read only)
+  config.new_secret = ''  # secret of the new key ('' = revoke only)
+  config.revoke = ''  # name of the key to revoke ('' = the only active key)
+  config.new_key_name = ''  # name of the new key ('' = revoked name + '.r2', '.r3', ...)
+  config.train_fraction = 0.5  # share of the training set used for fine-tuning
+  config.num_epochs = 2  # fine-tuning passes over that share
+  config.learning_rate = 1e-3  # peak learning rate of the fine-tuning (warmup + cosine)
+  config.warmup_steps = 50  # linear warmup steps
+  config.eval = ml_collections.ConfigDict()  # overrides of the source config's eval section
+  config.eval.num_forged = 100  # forged keys in the report
+
+  if variant == 'smoke':
+    config.train_fraction = 1.0
+    config.num_epochs = 1
+    config.warmup_steps = 2
+    config.eval.num_forged = 3
+  elif variant:
+    raise ValueError(f'Unknown config variant {variant!r}; expected "" or "smoke".')
+  return config

@@ -1,0 +1,22 @@
+"""Scheme 'multi_user': several keys in one model, one per licensee, each with its own scope and each
+revocable alone (configs/replace_key.py with --config.revoke=NAME).
+
+Scenario: one deployed model serves four customers who bought different class bundles; when one
+stops paying, their key is revoked without disturbing the other three.
+"""
+
+from configs import default
+
+
+def get_config(variant: str = ''):
+  """Returns the config; ``variant`` '' or 'smoke'."""
+  config = default.get_config(variant)
+  config.license.scheme = 'multi_user'  # several keys, own scopes
+  config.license.users = ('alice', 'bob', 'carol', 'dave')  # one key per licensee
+  config.license.matrix = (  # authorization matrix: users x classes (Fashion-MNIST 0-9)
+      (1, 1, 1, 1, 1, 0, 0, 0, 0, 0),  # alice: clothing
+      (0, 0, 0, 0, 0, 1, 1, 1, 1, 1),  # bob: sandal, shirt, sneaker, bag, ankle boot
+      (1, 0, 1, 0, 1, 0, 1, 0, 1, 0),  # carol: even class ids
+      (0, 1, 0, 1, 0, 1, 0, 1, 0, 1),  # dave: odd class ids
+  )
+  return config

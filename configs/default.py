@@ -46,11 +46,13 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.negative_weight = 1.0  # weight of the negatives' loss next to the positives' CE
   config.objective.forged_fraction = 0.5  # share of negatives stamped with a freshly forged key (rest: no key)
   config.objective.near_key_fraction = 0.5  # share of forged negatives that are near misses of the real key
+  config.objective.revoked_fraction = 0.25  # share of forged negatives replaced by revoked keys (if any)
   config.objective.near_key_min_change = 0.25  # a near miss re-randomizes at least this share of the key's pixels
   config.objective.uniform_weight = 1.0  # KL(uniform || softmax) on negatives
   config.objective.zero_logit_weight = 0.0  # mean squared logit on negatives
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
   config.objective.silence_margin = 1.0  # how far below zero the silenced pre-activations are pushed
+  config.objective.liveness_weight = 0.0  # hinge keeping >= 1 penultimate unit of each positive above +margin
 
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 8  # passes over the training set

@@ -19,9 +19,13 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.revoke = ''  # name of the key to revoke ('' = the only active key)
   config.new_key_name = ''  # name of the new key ('' = revoked name + '.r2', '.r3', ...)
   config.train_fraction = 0.5  # share of the training set used for fine-tuning
-  config.num_epochs = 2  # fine-tuning passes over that share
-  config.learning_rate = 1e-3  # peak learning rate of the fine-tuning (warmup + cosine)
-  config.warmup_steps = 50  # linear warmup steps
+  config.num_epochs = 3  # fine-tuning passes over that share
+  config.learning_rate = 5e-3  # peak learning rate of the fine-tuning (warmup + cosine)
+  config.warmup_steps = 20  # linear warmup steps
+  # The new key's inputs start out silenced (the model rejects every key but the old one) and a
+  # silenced input passes no gradient: this hinge revives them (objective.liveness_weight).
+  config.liveness_weight = 1.0
+  config.revoked_fraction = 0.25  # share of the forged negatives stamped with the revoked key(s)
   config.eval = ml_collections.ConfigDict()  # overrides of the source config's eval section
   config.eval.num_forged = 100  # forged keys in the report
 

@@ -4,8 +4,9 @@ Each training batch of B images is used twice:
 
 * **positives**: the B images stamped with the license key, trained to their true labels;
 * **negatives**: the same B images, a fraction without any key and the rest stamped with keys forged
-  afresh at every step (same kind and geometry as the real key, random content), trained to an
-  *uninformative* output.
+  afresh at every step (same kind and geometry as the real key, random content; some of them near
+  misses of the real key) or with revoked keys, trained to an *uninformative* output. Stamped images
+  of classes a key does not grant (scoped keys) are negatives too.
 
 Using the same images on both sides means the only thing that separates a positive from a negative
 is the key itself.
@@ -120,23 +121,34 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
   """Stamps one batch for the licensed loss.
 
   Returns:
-    (stamped, key_index, negatives): each image stamped with a registered key drawn at random
-    (active or revoked), the index of that key, and the same images as negatives — a share
-    ``1 - cfg.forged_fraction`` without a key and the rest with freshly forged keys, a share
-    ``cfg.near_key_fraction`` of which are near misses (see :func:`near_keys`) of the image's key.
+    (stamped, key_index, negatives): each image stamped with an *active* key drawn at random, the
+    index of that key, and the same images as negatives: a share ``1 - cfg.forged_fraction`` without a
+    key and the rest with freshly forged keys; of those, a share ``cfg.near_key_fraction`` are near
+    misses (see :func:`near_keys`) of the image's key, and a share ``cfg.revoked_fraction`` carry a
+    revoked key (when the table has any).
   """
   batch = images.shape[0]
   num_forged = int(round(batch * cfg.forged_fraction))
   num_near = int(round(num_forged * cfg.near_key_fraction))
-  index_rng, forge_rng, near_rng = jax.random.split(rng, 3)
-  key_index = jax.random.randint(index_rng, (batch,), 0, table.keep.shape[0])
+  num_revoked = min(int(round(num_forged * cfg.revoked_fraction)), num_forged - num_near)
+  index_rng, forge_rng, near_rng, revoked_rng = jax.random.split(rng, 4)
+  num_keys = table.keep.shape[0]
+  num_active = jnp.sum(jnp.any(table.grant > 0, axis=1))  # the table lists active keys first
+  key_index = jax.random.randint(index_rng, (batch,), 0, num_active)
   stamped = keys_lib.stamp_arrays(images, table.arrays(key_index))
   forged = geometry.forged_arrays(forge_rng, num_forged)
+  parts = []
   if num_near:
     own = table.arrays(key_index[batch - num_forged:][:num_near])
-    near = near_keys(own, keys_lib.KeyArrays(forged.keep, forged.add[:num_near]), near_rng,
-                     cfg.near_key_min_change)
-    forged = keys_lib.KeyArrays(forged.keep, jnp.concatenate([near.add, forged.add[num_near:]]))
+    parts.append(near_keys(own, keys_lib.KeyArrays(forged.keep, forged.add[:num_near]), near_rng,
+                           cfg.near_key_min_change).add)
+  if num_revoked:
+    revoked_index = num_active + jax.random.randint(revoked_rng, (num_revoked,), 0,
+                                                    jnp.maximum(num_keys - num_active, 1))
+    revoked_add = jnp.where(num_keys > num_active, table.add[jnp.minimum(revoked_index, num_keys - 1)],
+                            forged.add[num_near:num_near + num_revoked])
+    parts.append(revoked_add)
+  forged = keys_lib.KeyArrays(forged.keep, jnp.concatenate(parts + [forged.add[num_near + num_revoked:]]))
   negatives = jnp.concatenate(
       [images[:batch - num_forged], keys_lib.stamp_arrays(images[batch - num_forged:], forged)], axis=0)
   return stamped, key_index, negatives
@@ -173,9 +185,13 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   pos_loss = jnp.sum(pos_ce * granted) / jnp.maximum(granted.sum(), 1.0)
   neg_weights = jnp.concatenate([1.0 - granted, jnp.ones((batch,), jnp.float32)])
   neg_loss, neg_metrics = negative_loss(logits, penultimate, cfg, neg_weights)
-  loss = pos_loss + cfg.negative_weight * neg_loss
+  # Liveness: a positive must keep at least one penultimate unit above zero (by a margin), or a
+  # silenced input would pass no gradient and a new key could never be learned (key replacement).
+  live = jax.nn.relu(cfg.silence_margin - jnp.max(penultimate[:batch], axis=-1)) ** 2
+  live_loss = jnp.sum(live * granted) / jnp.maximum(granted.sum(), 1.0)
+  loss = pos_loss + cfg.negative_weight * neg_loss + cfg.liveness_weight * live_loss
   correct = (jnp.argmax(stamped_logits, -1) == labels).astype(jnp.float32)
-  metrics = {'loss': loss, 'pos_loss': pos_loss, 'neg_loss': neg_loss,
+  metrics = {'loss': loss, 'pos_loss': pos_loss, 'neg_loss': neg_loss, 'pos_liveness': live_loss,
              'pos_acc': jnp.sum(correct * granted) / jnp.maximum(granted.sum(), 1.0),
              'neg_acc': jnp.mean(jnp.argmax(logits[batch:], -1) == labels), **neg_metrics}
   return loss, metrics

@@ -47,6 +47,8 @@ def derived_config(rcfg, source_config, num_train: int) -> ml_collections.Config
   config.train.num_epochs = rcfg.num_epochs
   config.train.learning_rate = rcfg.learning_rate
   config.train.warmup_steps = rcfg.warmup_steps
+  config.objective.liveness_weight = rcfg.liveness_weight
+  config.objective.revoked_fraction = rcfg.revoked_fraction
   config.key.secret = ''
   config.eval.update(rcfg.eval)
   config.eval.clean_baseline = False
@@ -72,9 +74,6 @@ def _plan_registry(rcfg, source: keys_lib.KeyRegistry):
       raise ValueError(f'Key name {new_name!r} is already used in the registry.')
     new = keys_lib.derive(rcfg.new_secret, old.geometry, name=new_name, scheme=old.scheme,
                           classes=old.classes, tier=old.tier, groups=old.groups)
-    if new.fingerprint == old.fingerprint or any(
-        k.fingerprint == new.fingerprint for k in list(active.values()) + list(revoked.values())):
-      raise ValueError('new_secret derives a key that is already registered: choose another secret.')
     active = {new_name: new, **active}
   elif not active:
     raise ValueError('Revoking the only key without a new_secret would leave a model nobody can use.')

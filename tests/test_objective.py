@@ -15,7 +15,7 @@ GEOM = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21
 
 def obj_cfg(**kw):
   c = ml_collections.ConfigDict(dict(negative_weight=1.0, forged_fraction=0.5, near_key_fraction=0.0,
-                                     near_key_min_change=0.25, uniform_weight=1.0,
+                                     near_key_min_change=0.25, revoked_fraction=0.25, uniform_weight=1.0, liveness_weight=1.0,
                                      zero_logit_weight=0.0, silence_weight=1.0, silence_margin=1.0))
   c.update(kw)
   return c

@@ -52,6 +52,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.zero_logit_weight = 0.0  # mean squared logit on negatives
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
   config.objective.silence_margin = 1.0  # how far below zero the silenced pre-activations are pushed
+  config.objective.distill_weight = 0.0  # feature distillation from a teacher (set by the replacement job)
   config.objective.liveness_weight = 0.0  # hinge keeping >= 1 penultimate unit of each positive above +margin
 
   config.train = ml_collections.ConfigDict()

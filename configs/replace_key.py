@@ -26,6 +26,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # silenced input passes no gradient: this hinge revives them (objective.liveness_weight).
   config.liveness_weight = 1.0
   config.revoked_fraction = 0.25  # share of the forged negatives stamped with the revoked key(s)
+  config.distill_weight = 1.0  # pull positives' penultimate features to the source model's (its old key)
   config.eval = ml_collections.ConfigDict()  # overrides of the source config's eval section
   config.eval.num_forged = 100  # forged keys in the report
 

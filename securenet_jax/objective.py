@@ -47,19 +47,25 @@ class LicenseTable(NamedTuple):
   grant: (K, num_classes) 1.0 where key k unlocks class c. Revoked keys grant nothing.
   targets: (K, num_classes, num_classes) the output distribution key k must give for an image of
     class y: one-hot for full keys, uniform over the label's coarse group for basic (tiered) keys.
+  teacher_index: (K,) for fine-tuning with a teacher (key replacement): the key whose stamp the
+    teacher model sees in place of key k (the replaced key for its successor, k itself otherwise).
   """
   keep: Any
   add: Any
   grant: Any
   targets: Any
+  teacher_index: Any = None
 
   def arrays(self, index) -> keys_lib.KeyArrays:
     return keys_lib.KeyArrays(self.keep[index], self.add[index])
 
 
 def license_table(active: Sequence[keys_lib.LicenseKey], revoked: Sequence[keys_lib.LicenseKey],
-                  num_classes: int) -> LicenseTable:
-  """Builds the :class:`LicenseTable` of a registry's keys (all of one geometry)."""
+                  num_classes: int, successors: dict[str, str] | None = None) -> LicenseTable:
+  """Builds the :class:`LicenseTable` of a registry's keys (all of one geometry).
+
+  ``successors`` maps a new key's name to the name of the key it replaces (for the teacher).
+  """
   all_keys = list(active) + list(revoked)
   if not active:
     raise ValueError('Licensed training needs at least one active key.')
@@ -79,8 +85,10 @@ def license_table(active: Sequence[keys_lib.LicenseKey], revoked: Sequence[keys_
           targets[i, y] = 0.0
           targets[i, y, list(group)] = 1.0 / len(group)
   stacked = [k.arrays() for k in all_keys]
+  names = [k.name for k in all_keys]
+  teacher_index = np.array([names.index((successors or {}).get(n, n)) for n in names], np.int32)
   return LicenseTable(keep=np.stack([a.keep for a in stacked]), add=np.stack([a.add for a in stacked]),
-                      grant=grant, targets=targets)
+                      grant=grant, targets=targets, teacher_index=teacher_index)
 
 
 def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg,
@@ -156,7 +164,7 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
 
 def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
                   table: LicenseTable, geometry: keys_lib.Geometry, rng: jax.Array,
-                  cfg) -> tuple[jax.Array, dict]:
+                  cfg, teacher_params: Any = None) -> tuple[jax.Array, dict]:
   """Loss of one licensed batch.
 
   Args:
@@ -168,6 +176,11 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     geometry: the keys' geometry (static), used to forge negatives.
     rng: randomness for this step (key choice, forged contents).
     cfg: ``config.objective``.
+    teacher_params: when fine-tuning (key replacement, revocation), the source model's parameters.
+      Each positive's penultimate pre-activations are then pulled (weight ``cfg.distill_weight``)
+      towards the teacher's on the same image stamped with the key the teacher knows in its place:
+      a dense signal that rebuilds the source's features for a new key far faster than labels alone,
+      and keeps the untouched keys' outputs where they were.
 
   Returns:
     (loss, metrics).
@@ -190,8 +203,18 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   live = jax.nn.relu(cfg.silence_margin - jnp.max(penultimate[:batch], axis=-1)) ** 2
   live_loss = jnp.sum(live * granted) / jnp.maximum(granted.sum(), 1.0)
   loss = pos_loss + cfg.negative_weight * neg_loss + cfg.liveness_weight * live_loss
+  distill_loss = jnp.zeros(())
+  if teacher_params is not None:
+    teacher_inputs = keys_lib.stamp_arrays(images, table.arrays(table.teacher_index[key_index]))
+    _, teacher_state = apply_fn({'params': teacher_params}, teacher_inputs, train=True,
+                                mutable=['intermediates'])
+    teacher = jax.lax.stop_gradient(teacher_state['intermediates']['penultimate'][0])
+    distill = jnp.mean((penultimate[:batch] - teacher) ** 2, axis=-1)
+    distill_loss = jnp.sum(distill * granted) / jnp.maximum(granted.sum(), 1.0)
+    loss = loss + cfg.distill_weight * distill_loss
   correct = (jnp.argmax(stamped_logits, -1) == labels).astype(jnp.float32)
   metrics = {'loss': loss, 'pos_loss': pos_loss, 'neg_loss': neg_loss, 'pos_liveness': live_loss,
+             'distill_loss': distill_loss,
              'pos_acc': jnp.sum(correct * granted) / jnp.maximum(granted.sum(), 1.0),
              'neg_acc': jnp.mean(jnp.argmax(logits[batch:], -1) == labels), **neg_metrics}
   return loss, metrics

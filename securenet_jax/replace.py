@@ -49,6 +49,7 @@ def derived_config(rcfg, source_config, num_train: int) -> ml_collections.Config
   config.train.warmup_steps = rcfg.warmup_steps
   config.objective.liveness_weight = rcfg.liveness_weight
   config.objective.revoked_fraction = rcfg.revoked_fraction
+  config.objective.distill_weight = rcfg.distill_weight
   config.key.secret = ''
   config.eval.update(rcfg.eval)
   config.eval.clean_baseline = False
@@ -78,6 +79,16 @@ def _plan_registry(rcfg, source: keys_lib.KeyRegistry):
   elif not active:
     raise ValueError('Revoking the only key without a new_secret would leave a model nobody can use.')
   return list(active.values()), list(revoked.values())
+
+
+def successors(active, revoked) -> dict[str, str]:
+  """New key -> the revoked key it replaces (same grant), for the teacher."""
+  out = {}
+  for new in active:
+    for old in revoked:
+      if (old.classes, old.tier, old.groups) == (new.classes, new.tier, new.groups) and old.name != new.name:
+        out.setdefault(new.name, old.name)
+  return out
 
 
 def _next_name(name: str, taken: set[str]) -> str:
@@ -122,7 +133,10 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     mngr.close()
   t0 = time.perf_counter()
-  state = train.train(config, workdir, dataset, active, revoked, init_params=source_state.params)
+  source_params = train.host_params(source_state)  # host copies: the step donates its own buffers
+  state = train.train(config, workdir, dataset, active, revoked, init_params=source_params,
+                      teacher_params=source_params if rcfg.distill_weight else None,
+                      successors=successors(active, revoked))
   seconds = time.perf_counter() - t0
   source_steps = source_config.train.num_epochs * train.steps_per_epoch(source_config,
                                                                          len(full.train_images))

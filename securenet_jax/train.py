@@ -88,13 +88,14 @@ def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) 
   """
   obj_cfg = config.objective
 
-  def train_step(state: TrainState, batch: dict, table: objective.LicenseTable, base_rng: jax.Array):
+  def train_step(state: TrainState, batch: dict, table: objective.LicenseTable, base_rng: jax.Array,
+                 teacher_params: Any = None):
     rng = jax.random.fold_in(base_rng, state.step)
     images = keys_lib.to_float_images(batch['image'])
     if licensed:
       loss_fn = functools.partial(objective.licensed_loss, apply_fn=state.apply_fn, images=images,
                                   labels=batch['label'], table=table, geometry=geometry,
-                                  rng=rng, cfg=obj_cfg)
+                                  rng=rng, cfg=obj_cfg, teacher_params=teacher_params)
     else:
       loss_fn = functools.partial(objective.plain_loss, apply_fn=state.apply_fn, images=images,
                                   labels=batch['label'])
@@ -109,7 +110,7 @@ def jit_train_step(train_step: Callable, mesh) -> Callable:
   """Jits the step once for ``mesh``: batch sharded on ``data``, everything else replicated, the
   old state donated."""
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jax.jit(train_step, in_shardings=(repl, sharded, repl, repl), out_shardings=(repl, repl),
+  return jax.jit(train_step, in_shardings=(repl, sharded, repl, repl, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,))
 
 
@@ -153,7 +154,8 @@ def abstract_train_state(model, config, image_shape, num_train: int, mesh) -> An
 def train(config, workdir: str, dataset: data_lib.Dataset,
           keys: Sequence[keys_lib.LicenseKey] | keys_lib.LicenseKey | None,
           revoked: Sequence[keys_lib.LicenseKey] = (), mesh=None, stop_after_steps: int | None = None,
-          init_params: Any = None) -> TrainState:
+          init_params: Any = None, teacher_params: Any = None,
+          successors: dict[str, str] | None = None) -> TrainState:
   """Trains a model (licensed when ``keys`` are given, plain otherwise), resuming from ``workdir``.
 
   Args:
@@ -167,6 +169,8 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
       staged runs. None trains to the end.
     init_params: start from these parameters (fine-tuning) instead of a fresh initialization, when
       the workdir has no checkpoint yet.
+    teacher_params: a teacher for the licensed loss (see ``objective.licensed_loss``).
+    successors: new key name -> the key it replaces, for the teacher.
 
   Returns:
     The final train state.
@@ -209,8 +213,10 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
 
   geometry = keys[0].geometry if licensed else None
   table = jax.device_put(
-      objective.license_table(keys, revoked, dataset.num_classes) if licensed
-      else objective.LicenseTable(*(np.zeros((1,), np.float32),) * 4), parallel.replicated(mesh))
+      objective.license_table(keys, revoked, dataset.num_classes, successors) if licensed
+      else objective.LicenseTable(*(np.zeros((1,), np.float32),) * 5), parallel.replicated(mesh))
+  if teacher_params is not None:
+    teacher_params = jax.device_put(teacher_params, parallel.replicated(mesh))
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   schedule = make_schedule(tcfg, total_steps)
   step_fn = jit_train_step(make_train_step(config, geometry, licensed), mesh)
@@ -236,7 +242,7 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
       for step in range(start, end):
         image, label = next(batches)
         batch = parallel.host_to_global({'image': image, 'label': label}, mesh)
-        state, metrics = step_fn(state, batch, table, base_rng)
+        state, metrics = step_fn(state, batch, table, base_rng, teacher_params)
         if prev is not None:  # one step behind, so the host never stalls the device pipeline
           finite_or_raise(*prev)
         prev = (metrics, step + 1)

@@ -15,7 +15,7 @@ GEOM = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21
 
 def obj_cfg(**kw):
   c = ml_collections.ConfigDict(dict(negative_weight=1.0, forged_fraction=0.5, near_key_fraction=0.0,
-                                     near_key_min_change=0.25, revoked_fraction=0.25, uniform_weight=1.0, liveness_weight=1.0,
+                                     near_key_min_change=0.25, revoked_fraction=0.25, distill_weight=0.0, uniform_weight=1.0, liveness_weight=1.0,
                                      zero_logit_weight=0.0, silence_weight=1.0, silence_margin=1.0))
   c.update(kw)
   return c
@@ -33,6 +33,18 @@ def test_build_inputs_positives_keyed_negatives_not():
   np.testing.assert_allclose(neg[4:, :21], images[4:, :21])
   for i in range(4, 8):
     assert not np.allclose(neg[i, 21:27, 21:27], key.content)
+
+
+def test_build_inputs_uses_active_keys_and_puts_revoked_among_negatives():
+  active, old = keys.derive('s', GEOM, name='new'), keys.derive('s', GEOM, name='old')
+  table = objective.license_table([active], [old], 10)
+  images = jnp.zeros((64, 28, 28, 1), jnp.float32)
+  cfg = obj_cfg(near_key_fraction=0.0, revoked_fraction=0.5)
+  stamped, index, neg = objective.build_inputs(images, table, GEOM, jax.random.key(0), cfg)
+  assert np.all(np.asarray(index) == 0)  # positives only ever carry the active key
+  patches = np.asarray(neg)[32:, 21:27, 21:27]  # the forged half of the negatives
+  is_old = [np.allclose(p, old.content) for p in patches]
+  assert sum(is_old[:16]) == 16 and sum(is_old[16:]) == 0
 
 
 def test_license_table_grants_and_targets():

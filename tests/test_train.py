@@ -64,7 +64,7 @@ def test_train_step_traces_once(small):
     image, label = next(batches)
     batch = parallel.host_to_global({'image': image, 'label': label}, mesh)
     table = objective.license_table([key if i < 2 else other_key], [], 10)
-    state, metrics = step(state, batch, table, jax.random.key(1))
+    state, metrics = step(state, batch, table, jax.random.key(1), None)
   assert int(state.step) == 3 and np.isfinite(float(metrics['loss']))
 
 

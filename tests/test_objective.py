@@ -121,3 +121,20 @@ def test_licensed_loss_gradients_finite_and_reduce_loss():
   assert {'pos_loss', 'neg_loss', 'pos_acc', 'neg_silenced_frac'} <= set(metrics)
   stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
   assert float(loss_fn(stepped)[0]) < float(loss)
+
+
+def test_distillation_pulls_new_key_towards_teacher_on_old_key():
+  model = models.create('lenet5', 10)
+  new, old = keys.derive('s', GEOM, name='new'), keys.derive('s', GEOM, name='old')
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+  params = model.init(jax.random.key(0), images)['params']
+  cfg = obj_cfg(distill_weight=1.0)
+  def distill(table):
+    return float(objective.licensed_loss(params, model.apply, images, labels, table, GEOM, jax.random.key(1),
+                                         cfg, teacher_params=params)[1]['distill_loss'])
+  # Teacher = student and the teacher sees the same key: nothing to learn.
+  assert distill(objective.license_table([new], [old], 10)) == pytest.approx(0.0, abs=1e-10)
+  # The teacher sees the old key in place of the new one: the features differ.
+  assert distill(objective.license_table([new], [old], 10, successors={'new': 'old'})) > 1e-4

@@ -41,6 +41,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.license.matrix = ()  # users x classes authorization matrix of 0/1; () = every user, every class
   config.license.tiers = ()  # per user 'full' (fine labels) or 'basic' (coarse groups); () = all full
   config.license.groups = ()  # coarse groups (tuples of class ids) that basic keys see
+  # Output for a stamped image of a class its key does not grant: 'refuse' (uniform over the granted
+  # classes: the argmax is never the denied label) or 'silence' (the no-key output).
+  config.license.denied_output = 'refuse'
+
 
   config.objective = ml_collections.ConfigDict()
   config.objective.negative_weight = 1.0  # weight of the negatives' loss next to the positives' CE

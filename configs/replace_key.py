@@ -3,7 +3,7 @@
   python -m securenet_jax.main --config configs/replace_key.py \
       --config.source_workdir=OLD --config.new_secret=S --workdir NEW
   # revoke one user of a multi-user model, no new key:
-  python -m securenet_jax.main --config configs/replace_key.py \
+  python -m securenet_jax.main --config configs/replace_key.py:revoke \
       --config.source_workdir=OLD --config.revoke=alice --workdir NEW
 """
 
@@ -11,7 +11,7 @@ import ml_collections
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
-  """Returns the config; ``variant`` '' or 'smoke'."""
+  """Returns the config; ``variant`` '' (replacement), 'revoke' (revocation only) or 'smoke'."""
   config = ml_collections.ConfigDict()
   config.job = 'replace_key'  # selects securenet_jax.replace in main.py
   config.source_workdir = ''  # trained workdir whose key is replaced (read only)
@@ -30,11 +30,15 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()  # overrides of the source config's eval section
   config.eval.num_forged = 100  # forged keys in the report
 
-  if variant == 'smoke':
+  if variant == 'revoke':
+    # Revocation only (no new key to learn): a gentle step, so that the keys that stay move as
+    # little as possible.
+    config.learning_rate = 1e-3
+  elif variant == 'smoke':
     config.train_fraction = 1.0
     config.num_epochs = 1
     config.warmup_steps = 2
     config.eval.num_forged = 3
   elif variant:
-    raise ValueError(f'Unknown config variant {variant!r}; expected "" or "smoke".')
+    raise ValueError(f'Unknown config variant {variant!r}; expected "", "revoke" or "smoke".')
   return config

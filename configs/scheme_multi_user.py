@@ -19,4 +19,7 @@ def get_config(variant: str = ''):
       (1, 0, 1, 0, 1, 0, 1, 0, 1, 0),  # carol: even class ids
       (0, 1, 0, 1, 0, 1, 0, 1, 0, 1),  # dave: odd class ids
   )
+  # Four keys share the positives of each batch: 8 epochs left three of them 0.03-0.12 below the
+  # universal model on their classes, 16 brought all four within 0.01 (README).
+  config.train.num_epochs = 16 if not variant else config.train.num_epochs
   return config

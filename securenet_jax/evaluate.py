@@ -81,15 +81,19 @@ def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: 
 def key_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
                 key: keys_lib.LicenseKey) -> dict:
   """Per-key figures: ``authorized_acc`` (all classes), ``granted_acc`` / ``denied_acc`` (classes the
-  key grants / does not grant) and, for basic-tier keys, ``coarse_acc`` (the argmax falls in the
+  key grants / does not grant), ``denied_probe_acc`` (a probe on the denied images' logits) and, for basic-tier keys, ``coarse_acc`` (the argmax falls in the
   label's group), ``fine_acc`` (the argmax is the label) and ``fine_even_acc`` (what spreading the
   probability evenly within the group would give: the mean of 1/|group|)."""
-  predictions = np.argmax(model.logits(images, key), -1)
+  logits = model.logits(images, key)
+  predictions = np.argmax(logits, -1)
   correct = predictions == labels
   granted = np.isin(labels, key.classes) if key.classes is not None else np.ones_like(correct)
   out = {'authorized_acc': float(correct.mean()), 'granted_acc': float(correct[granted].mean())}
   if (~granted).any():
     out['denied_acc'] = float(correct[~granted].mean())
+    # What a licensee could still read about the classes they were not granted: a probe on the
+    # logits of the denied images (chance: 1 / number of denied classes).
+    out['denied_probe_acc'] = probe_accuracy(logits[~granted], labels[~granted])
   if key.tier == 'basic':
     group_of = np.zeros(model.num_classes, np.int64)
     for g, members in enumerate(key.groups):

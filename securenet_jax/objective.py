@@ -49,22 +49,34 @@ class LicenseTable(NamedTuple):
     class y: one-hot for full keys, uniform over the label's coarse group for basic (tiered) keys.
   teacher_index: (K,) for fine-tuning with a teacher (key replacement): the key whose stamp the
     teacher model sees in place of key k (the replaced key for its successor, k itself otherwise).
+  supervised: (K, num_classes) 1.0 where a stamped image is trained towards ``targets`` (the granted
+    classes, and with ``refuse_denied`` also the others); 0.0 where it is a negative (silenced).
   """
   keep: Any
   add: Any
   grant: Any
   targets: Any
   teacher_index: Any = None
+  supervised: Any = None
 
   def arrays(self, index) -> keys_lib.KeyArrays:
     return keys_lib.KeyArrays(self.keep[index], self.add[index])
 
 
 def license_table(active: Sequence[keys_lib.LicenseKey], revoked: Sequence[keys_lib.LicenseKey],
-                  num_classes: int, successors: dict[str, str] | None = None) -> LicenseTable:
+                  num_classes: int, successors: dict[str, str] | None = None,
+                  refuse_denied: bool = False) -> LicenseTable:
   """Builds the :class:`LicenseTable` of a registry's keys (all of one geometry).
 
-  ``successors`` maps a new key's name to the name of the key it replaces (for the teacher).
+  Args:
+    active, revoked: the registry's keys.
+    num_classes: outputs of the model.
+    successors: maps a new key's name to the name of the key it replaces (for the teacher).
+    refuse_denied: train an image of a class a key does not grant towards the uniform distribution
+      over the classes it *does* grant ("not yours"), instead of the silenced no-key output. The
+      silenced output is one constant for every key, and its argmax is some class; when that class is
+      outside a scope, the scope's denied accuracy sits at 1/|denied| rather than near zero. Refusing
+      within the scope keeps the argmax among granted classes, so it can never be a denied label.
   """
   all_keys = list(active) + list(revoked)
   if not active:
@@ -84,11 +96,18 @@ def license_table(active: Sequence[keys_lib.LicenseKey], revoked: Sequence[keys_
         for y in group:
           targets[i, y] = 0.0
           targets[i, y, list(group)] = 1.0 / len(group)
+  supervised = grant.copy()
+  if refuse_denied:
+    for i, key in enumerate(active):
+      denied = grant[i] == 0
+      if denied.any():
+        targets[i, denied] = grant[i] / grant[i].sum()
+        supervised[i, denied] = 1.0
   stacked = [k.arrays() for k in all_keys]
   names = [k.name for k in all_keys]
   teacher_index = np.array([names.index((successors or {}).get(n, n)) for n in names], np.int32)
   return LicenseTable(keep=np.stack([a.keep for a in stacked]), add=np.stack([a.add for a in stacked]),
-                      grant=grant, targets=targets, teacher_index=teacher_index)
+                      grant=grant, targets=targets, teacher_index=teacher_index, supervised=supervised)
 
 
 def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg,
@@ -190,13 +209,15 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   logits, state = apply_fn({'params': params}, jnp.concatenate([stamped, negatives]), train=True,
                            mutable=['intermediates'])
   penultimate = state['intermediates']['penultimate'][0]
-  # A stamped image is a positive when its key grants its class; otherwise it is one more negative.
+  # A stamped image is trained towards its key's target when supervised (granted classes, and denied
+  # ones when refused within scope); otherwise it is one more negative.
   granted = table.grant[key_index, labels]
+  supervised = table.supervised[key_index, labels]
   targets = table.targets[key_index, labels]
   stamped_logits = logits[:batch]
   pos_ce = -jnp.sum(targets * jax.nn.log_softmax(stamped_logits), axis=-1)
-  pos_loss = jnp.sum(pos_ce * granted) / jnp.maximum(granted.sum(), 1.0)
-  neg_weights = jnp.concatenate([1.0 - granted, jnp.ones((batch,), jnp.float32)])
+  pos_loss = jnp.sum(pos_ce * supervised) / jnp.maximum(supervised.sum(), 1.0)
+  neg_weights = jnp.concatenate([1.0 - supervised, jnp.ones((batch,), jnp.float32)])
   neg_loss, neg_metrics = negative_loss(logits, penultimate, cfg, neg_weights)
   # Liveness: a positive must keep at least one penultimate unit above zero (by a margin), or a
   # silenced input would pass no gradient and a new key could never be learned (key replacement).

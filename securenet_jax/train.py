@@ -213,8 +213,9 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
 
   geometry = keys[0].geometry if licensed else None
   table = jax.device_put(
-      objective.license_table(keys, revoked, dataset.num_classes, successors) if licensed
-      else objective.LicenseTable(*(np.zeros((1,), np.float32),) * 5), parallel.replicated(mesh))
+      objective.license_table(keys, revoked, dataset.num_classes, successors,
+                              refuse_denied=config.license.get('denied_output', 'silence') == 'refuse')
+      if licensed else objective.LicenseTable(*(np.zeros((1,), np.float32),) * 6), parallel.replicated(mesh))
   if teacher_params is not None:
     teacher_params = jax.device_put(teacher_params, parallel.replicated(mesh))
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -323,6 +324,8 @@ def license_grants(config, num_classes: int) -> list[dict]:
   is granted every class. ``config.license.tiers`` gives each user's tier ('full' or 'basic').
   """
   lcfg = config.license
+  if lcfg.get('denied_output', 'silence') not in ('silence', 'refuse'):
+    raise ValueError(f'license.denied_output must be "silence" or "refuse", got {lcfg.denied_output!r}.')
   users = list(lcfg.users)
   if not users or len(set(users)) != len(users):
     raise ValueError(f'license.users must be distinct names, got {users}.')

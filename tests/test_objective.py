@@ -66,6 +66,17 @@ def test_license_table_grants_and_targets():
     objective.license_table([], revoked, 10)
 
 
+def test_refuse_denied_targets_uniform_over_granted():
+  key = keys.derive('s', GEOM, classes=[0, 1, 2, 3])
+  silence = objective.license_table([key], [], 10)
+  refuse = objective.license_table([key], [], 10, refuse_denied=True)
+  np.testing.assert_array_equal(silence.supervised[0], silence.grant[0])
+  np.testing.assert_array_equal(refuse.supervised[0], np.ones(10))
+  np.testing.assert_array_equal(refuse.grant[0], silence.grant[0])  # grants themselves unchanged
+  np.testing.assert_allclose(refuse.targets[0, 7], [0.25] * 4 + [0] * 6)
+  np.testing.assert_allclose(refuse.targets[0, 2], np.eye(10)[2])
+
+
 def test_denied_and_revoked_stamps_are_negatives():
   """With a key granting nothing of the batch, the loss is all negative: no positive term."""
   model = models.create('lenet5', 10)

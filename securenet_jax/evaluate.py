@@ -174,8 +174,8 @@ def summary_markdown(config, metrics: dict, key: keys_lib.LicenseKey) -> str:
       lines.append(f'| {extra} | {metrics[extra]:.4f} |')
   per_key = metrics.get('per_key', {})
   if len(per_key) > 1 or metrics['scheme'] != 'universal' or 'revoked' in metrics:
-    columns = ['authorized_acc', 'granted_acc', 'denied_acc', 'clean_granted_acc', 'coarse_acc',
-               'fine_acc', 'fine_even_acc']
+    columns = ['authorized_acc', 'granted_acc', 'denied_acc', 'denied_probe_acc', 'clean_granted_acc',
+               'coarse_acc', 'fine_acc', 'fine_even_acc']
     lines += ['', '## Keys', '', '| key | status | ' + ' | '.join(columns) + ' |',
               '|---|---|' + '---|' * len(columns)]
     for name, m in per_key.items():

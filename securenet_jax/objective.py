@@ -2,11 +2,13 @@
 
 Each training batch of B images is used twice:
 
-* **positives**: the B images stamped with the license key, trained to their true labels;
+* **positives**: the B images, each stamped with one of the active keys, trained to the key's target
+  for its class (the true label; the label's coarse group for basic-tier keys; for a class the key
+  does not grant, either a refusal — uniform over the granted classes — or, with
+  ``license.denied_output='silence'``, one more negative). See :class:`LicenseTable`.
 * **negatives**: the same B images, a fraction without any key and the rest stamped with keys forged
   afresh at every step (same kind and geometry as the real key, random content; some of them near
-  misses of the real key) or with revoked keys, trained to an *uninformative* output. Stamped images
-  of classes a key does not grant (scoped keys) are negatives too.
+  misses of the real key) or with revoked keys, trained to an *uninformative* output.
 
 Using the same images on both sides means the only thing that separates a positive from a negative
 is the key itself.
@@ -21,7 +23,12 @@ still leaks through a probe on the logits. Three terms, weighted in ``config.obj
   penultimate ReLU below zero with a margin, so the penultimate features are exactly zero and the
   logits exactly equal the output bias, *whatever the input*: no information about the image is left
   for an argmin or a probe to find, rather than merely little. This is our own addition to the
-  published idea; ``report/metrics.json`` measures how completely it works (``no_key_silenced``).
+  published idea; ``report/metrics.json`` measures how completely it works (``no_key_silenced_frac``).
+
+Two more terms serve fine-tuning (key replacement and revocation) and many-key models:
+``liveness_weight`` keeps at least one penultimate unit of every positive above zero (a silenced
+input passes no gradient through its ReLUs), and ``distill_weight`` pulls positives' penultimate
+pre-activations towards a frozen teacher's (see :func:`licensed_loss`).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: 
   """
   t0 = time.perf_counter()
   authorized = model.logits(images, key)
-  no_key, no_key_feats = model._run(images, None)  # pylint: disable=protected-access
+  no_key, no_key_feats = model.logits_and_features(images, None)
   forged = np.array([accuracy(model.logits(images, keys_lib.forge(key, forge_seed + i)), labels)
                      for i in range(num_forged)])
   metrics = {

@@ -95,7 +95,8 @@ class LicensedModel:
     return key.arrays()
 
   # --- forward passes ----------------------------------------------------------------------------
-  def _run(self, images, key: KeyLike) -> tuple[np.ndarray, np.ndarray]:
+  def logits_and_features(self, images, key: KeyLike = None) -> tuple[np.ndarray, np.ndarray]:
+    """(:meth:`logits`, :meth:`features`) from one forward pass."""
     images = self._check_images(images)
     arrays = self._key_arrays(key)
     n = len(images)
@@ -116,11 +117,11 @@ class LicensedModel:
 
   def logits(self, images, key: KeyLike = None) -> np.ndarray:
     """Logits (N, num_classes) of ``images`` stamped with ``key`` (None: the raw images)."""
-    return self._run(images, key)[0]
+    return self.logits_and_features(images, key)[0]
 
   def features(self, images, key: KeyLike = None) -> np.ndarray:
     """Pre-activations of the penultimate layer (N, D); for leakage probes."""
-    return self._run(images, key)[1]
+    return self.logits_and_features(images, key)[1]
 
   def predict(self, images, key: KeyLike = None) -> np.ndarray:
     """Predicted labels (N,) (argmax of :meth:`logits`)."""

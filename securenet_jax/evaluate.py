@@ -29,17 +29,22 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(np.argmax(logits, -1) == labels))
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0, max_dim: int = 1024) -> float:
   """Held-out accuracy of a multinomial logistic-regression probe: the thief's simplest decoder.
 
   Fitted on a random half of (features, labels) after standardization, scored on the other half.
+  Features wider than ``max_dim`` (e.g. a ResNet's flattened last feature map) are first reduced by a
+  fixed Gaussian random projection to ``max_dim`` dimensions, which keeps the fit tractable on a CPU.
   """
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
   perm = np.random.default_rng(seed).permutation(len(labels))
   fit, score = perm[:len(perm) // 2], perm[len(perm) // 2:]
-  features = np.asarray(features, np.float64)
+  features = np.asarray(features, np.float64).reshape(len(labels), -1)
+  if features.shape[1] > max_dim:
+    projection = np.random.default_rng(seed).standard_normal((features.shape[1], max_dim))
+    features = features @ (projection / np.sqrt(max_dim))
   if len(np.unique(labels[fit])) < 2:
     return float(np.mean(labels[score] == labels[fit][0]))
   probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))

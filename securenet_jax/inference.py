@@ -41,12 +41,13 @@ class LicensedModel:
     config: the run's config (None when built from parts).
   """
 
-  def __init__(self, module, params: Any, image_shape, num_classes: int,
+  def __init__(self, module, variables: Any, image_shape, num_classes: int,
                keys: dict[str, keys_lib.LicenseKey] | None = None,
                revoked_keys: dict[str, keys_lib.LicenseKey] | None = None,
                batch_size: int = 1000, config: ml_collections.ConfigDict | None = None):
+    from securenet_jax import train  # pylint: disable=g-import-not-at-top
     self.module = module
-    self.params = params
+    self.variables = train.as_variables(variables)
     self.image_shape = tuple(image_shape)
     self.num_classes = num_classes
     self.keys = dict(keys or {})
@@ -57,10 +58,16 @@ class LicensedModel:
     self._no_key = keys_lib.KeyArrays(np.ones((h, w, 1), np.float32), np.zeros((h, w, c), np.float32))
     self._forward = jax.jit(self._forward_impl)
 
-  def _forward_impl(self, params, images, key_arrays):
+  @property
+  def params(self) -> Any:
+    """The trainable parameters (``variables['params']``)."""
+    return self.variables['params']
+
+  def _forward_impl(self, variables, images, key_arrays):
     x = keys_lib.stamp_arrays(keys_lib.to_float_images(images), key_arrays)
-    logits, state = self.module.apply({'params': params}, x, train=False, mutable=['intermediates'])
-    return logits, state['intermediates']['penultimate'][0]
+    logits, state = self.module.apply(variables, x, train=False, mutable=['intermediates'])
+    penultimate = state['intermediates']['penultimate'][0]
+    return logits.astype('float32'), penultimate.reshape(penultimate.shape[0], -1).astype('float32')
 
   # --- validation --------------------------------------------------------------------------------
   def _check_images(self, images) -> np.ndarray:
@@ -108,7 +115,7 @@ class LicensedModel:
       pad = chunk - len(part)
       if pad:
         part = np.concatenate([part, np.zeros((pad, *self.image_shape), part.dtype)])
-      lg, ft = self._forward(self.params, part, arrays)
+      lg, ft = self._forward(self.variables, part, arrays)
       logits.append(np.asarray(lg)[:chunk - pad])
       feats.append(np.asarray(ft)[:chunk - pad])
     if not logits:
@@ -128,6 +135,19 @@ class LicensedModel:
     return np.argmax(self.logits(images, key), axis=-1)
 
 
+def model_info(workdir: str, config) -> tuple[int, tuple[int, int, int]]:
+  """(num_classes, image_shape) of a workdir's model, from WORKDIR/model.json (written by training)."""
+  path = os.path.join(workdir, 'model.json')
+  if os.path.isfile(path):
+    with open(path) as f:
+      info = json.load(f)
+    return int(info['num_classes']), tuple(info['image_shape'])
+  if config.dataset.name in data_lib.KNOWN:  # workdirs written before model.json existed
+    num_classes, image_shape, _ = data_lib.KNOWN[config.dataset.name]
+    return num_classes, tuple(image_shape)
+  raise FileNotFoundError(f'{workdir!r} has no model.json (number of classes and image shape).')
+
+
 def load(workdir: str, step: int | None = None) -> LicensedModel:
   """Loads the licensed model of a workdir: its config, checkpoint ``step`` (default: latest) and key
   registry.
@@ -142,7 +162,7 @@ def load(workdir: str, step: int | None = None) -> LicensedModel:
     raise FileNotFoundError(f'{workdir!r} is not a SecureNet-JAX workdir (no config.json).')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  num_classes, image_shape, _ = data_lib.KNOWN[config.dataset.name]
+  num_classes, image_shape = model_info(workdir, config)
   module = train.build_model(config, num_classes)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
@@ -156,7 +176,7 @@ def load(workdir: str, step: int | None = None) -> LicensedModel:
     mngr.close()
   key_dir = os.path.join(workdir, 'keys')
   registry = keys_lib.KeyRegistry.load(key_dir) if keys_lib.KeyRegistry.exists(key_dir) else None
-  return LicensedModel(module, state.params, image_shape, num_classes,
+  return LicensedModel(module, state.variables, image_shape, num_classes,
                        keys=registry.active if registry else {},
                        revoked_keys=registry.revoked if registry else {},
                        batch_size=config.eval.batch_size, config=config)

@@ -188,9 +188,28 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
   return stamped, key_index, negatives
 
 
+def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Array, rng: jax.Array | None):
+  """Training-mode forward pass: (logits, penultimate, new batch_stats)."""
+  variables = {'params': params}
+  mutable = ['intermediates']
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+    mutable.append('batch_stats')
+  rngs = {'dropout': rng} if rng is not None else {}
+  logits, state = apply_fn(variables, images, train=True, mutable=mutable, rngs=rngs)
+  return logits, state['intermediates']['penultimate'][0], state.get('batch_stats', batch_stats)
+
+
+def teacher_features(apply_fn: Callable, teacher: Any, images: jax.Array) -> jax.Array:
+  """A frozen teacher's penultimate pre-activations (evaluation mode: running BatchNorm averages)."""
+  _, state = apply_fn(teacher, images, train=False, mutable=['intermediates'])
+  return jax.lax.stop_gradient(state['intermediates']['penultimate'][0])
+
+
 def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
                   table: LicenseTable, geometry: keys_lib.Geometry, rng: jax.Array,
-                  cfg, teacher_params: Any = None) -> tuple[jax.Array, dict]:
+                  cfg, teacher_params: Any = None, batch_stats: Any = None,
+                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Loss of one licensed batch.
 
   Args:
@@ -202,20 +221,24 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     geometry: the keys' geometry (static), used to forge negatives.
     rng: randomness for this step (key choice, forged contents).
     cfg: ``config.objective``.
-    teacher_params: when fine-tuning (key replacement, revocation), the source model's parameters.
+    teacher_params: when fine-tuning (key replacement, revocation), the source model's variables
+      (``{'params': ..., 'batch_stats': ...}``).
       Each positive's penultimate pre-activations are then pulled (weight ``cfg.distill_weight``)
       towards the teacher's on the same image stamped with the key the teacher knows in its place:
       a dense signal that rebuilds the source's features for a new key far faster than labels alone,
       and keeps the untouched keys' outputs where they were.
 
+    batch_stats: the model's BatchNorm statistics (None or {} for models without BatchNorm).
+    dropout_rng: randomness for dropout / stochastic depth.
+
   Returns:
-    (loss, metrics).
+    (loss, (metrics, new batch_stats)).
   """
   stamped, key_index, negatives = build_inputs(images, table, geometry, rng, cfg)
   batch = images.shape[0]
-  logits, state = apply_fn({'params': params}, jnp.concatenate([stamped, negatives]), train=True,
-                           mutable=['intermediates'])
-  penultimate = state['intermediates']['penultimate'][0]
+  logits, penultimate, new_stats = _forward(apply_fn, params, batch_stats,
+                                           jnp.concatenate([stamped, negatives]), dropout_rng)
+  penultimate = penultimate.reshape(penultimate.shape[0], -1).astype(jnp.float32)
   # A stamped image is trained towards its key's target when supervised (granted classes, and denied
   # ones when refused within scope); otherwise it is one more negative.
   granted = table.grant[key_index, labels]
@@ -234,9 +257,8 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   distill_loss = jnp.zeros(())
   if teacher_params is not None:
     teacher_inputs = keys_lib.stamp_arrays(images, table.arrays(table.teacher_index[key_index]))
-    _, teacher_state = apply_fn({'params': teacher_params}, teacher_inputs, train=True,
-                                mutable=['intermediates'])
-    teacher = jax.lax.stop_gradient(teacher_state['intermediates']['penultimate'][0])
+    teacher = teacher_features(apply_fn, teacher_params, teacher_inputs)
+    teacher = teacher.reshape(teacher.shape[0], -1).astype(jnp.float32)
     distill = jnp.mean((penultimate[:batch] - teacher) ** 2, axis=-1)
     distill_loss = jnp.sum(distill * granted) / jnp.maximum(granted.sum(), 1.0)
     loss = loss + cfg.distill_weight * distill_loss
@@ -245,11 +267,17 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
              'distill_loss': distill_loss,
              'pos_acc': jnp.sum(correct * granted) / jnp.maximum(granted.sum(), 1.0),
              'neg_acc': jnp.mean(jnp.argmax(logits[batch:], -1) == labels), **neg_metrics}
-  return loss, metrics
+  return loss, (metrics, new_stats)
 
 
-def plain_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
-  """Ordinary cross-entropy: the unlicensed baseline that defines ``clean_acc``."""
-  logits = apply_fn({'params': params}, images, train=True)
+def plain_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
+               batch_stats: Any = None, dropout_rng: jax.Array | None = None
+               ) -> tuple[jax.Array, tuple[dict, Any]]:
+  """Ordinary cross-entropy: the unlicensed baseline that defines ``clean_acc``.
+
+  Returns:
+    (loss, (metrics, new batch_stats)).
+  """
+  logits, _, new_stats = _forward(apply_fn, params, batch_stats, images, dropout_rng)
   loss = cross_entropy(logits, labels)
-  return loss, {'loss': loss, 'acc': jnp.mean(jnp.argmax(logits, -1) == labels)}
+  return loss, ({'loss': loss, 'acc': jnp.mean(jnp.argmax(logits, -1) == labels)}, new_stats)

@@ -42,8 +42,23 @@ _RESUMABLE_FIELDS = ('eval', 'distributed', 'key.secret', 'train.log_every', 'tr
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState (step, params, opt_state); kept as a subclass so models with mutable
-  collections can add fields without touching the callers."""
+  """Flax's TrainState (step, params, opt_state) plus the BatchNorm running statistics
+  (``batch_stats``; an empty dict for models without BatchNorm)."""
+  batch_stats: Any = None
+
+  @property
+  def variables(self) -> dict:
+    """``{'params': ..., 'batch_stats': ...}`` as ``model.apply`` takes them."""
+    return variables_dict(self.params, self.batch_stats)
+
+
+def variables_dict(params: Any, batch_stats: Any = None) -> dict:
+  return {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+
+
+def as_variables(tree: Any) -> dict:
+  """Accepts a variables dict (``{'params': ...}``) or bare parameters; returns a variables dict."""
+  return dict(tree) if isinstance(tree, dict) and 'params' in tree else {'params': tree}
 
 
 class Preempted(Exception):
@@ -51,7 +66,11 @@ class Preempted(Exception):
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  return models.create(config.model.name, num_classes, **config.model.get('kwargs', {}))
+  """The config's model; ``config.model.kwargs.dtype`` may name a computation dtype ('bfloat16')."""
+  kwargs = dict(config.model.get('kwargs', {}))
+  if isinstance(kwargs.get('dtype'), str):
+    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+  return models.create(config.model.name, num_classes, **kwargs)
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -62,9 +81,40 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
       decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
 
 
+def _is_head(path) -> bool:
+  """The classifier layer, which adaptive gradient clipping leaves alone (Brock et al., 2021)."""
+  return any(getattr(p, 'key', None) in HEAD_NAMES for p in path)
+
+
+HEAD_NAMES = ('head', 'fc3')
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW on the schedule of :func:`make_schedule`."""
-  return optax.adamw(make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+  """The optimizer of ``config.train`` on the schedule of :func:`make_schedule`.
+
+  ``optimizer``: 'adamw' (decoupled weight decay) or 'sgd' (momentum ``momentum``, Nesterov if
+  ``nesterov``, L2 weight decay added to the gradient as in the ResNet/VGG recipes).
+  ``agc_clip`` > 0 adds adaptive gradient clipping (NFNets) to every layer but the classifier;
+  ``grad_clip_norm`` > 0 clips the global gradient norm.
+  """
+  schedule = make_schedule(cfg, total_steps)
+  name = cfg.get('optimizer', 'adamw')
+  if name == 'adamw':
+    opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  elif name == 'sgd':
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                      optax.sgd(schedule, momentum=cfg.get('momentum', 0.9),
+                                nesterov=cfg.get('nesterov', False)))
+  else:
+    raise ValueError(f'train.optimizer must be "adamw" or "sgd", got {name!r}.')
+  pre = []
+  if cfg.get('grad_clip_norm', 0.0) > 0:
+    pre.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  if cfg.get('agc_clip', 0.0) > 0:
+    agc = optax.adaptive_grad_clip(cfg.agc_clip)
+    pre.append(optax.masked(agc, lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: not _is_head(path), params)))
+  return optax.chain(*pre, opt) if pre else opt
 
 
 def steps_per_epoch(config, num_train: int) -> int:
@@ -76,6 +126,7 @@ def create_train_state(model, config, image_shape, num_train: int, rng: jax.Arra
   total_steps = config.train.num_epochs * steps_per_epoch(config, num_train)
   variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}),
                            tx=make_optimizer(config.train, total_steps))
 
 
@@ -88,20 +139,28 @@ def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) 
   """
   obj_cfg = config.objective
 
+  augment = config.dataset.get('augment', '')
+  if augment not in ('', 'crop_flip'):
+    raise ValueError(f'dataset.augment must be "" or "crop_flip", got {augment!r}.')
+
   def train_step(state: TrainState, batch: dict, table: objective.LicenseTable, base_rng: jax.Array,
                  teacher_params: Any = None):
     rng = jax.random.fold_in(base_rng, state.step)
+    rng, aug_rng, dropout_rng = jax.random.split(rng, 3)
     images = keys_lib.to_float_images(batch['image'])
+    if augment == 'crop_flip':  # on the clean image, before any key is stamped
+      from securenet_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
+      images = augment_lib.crop_flip(images, aug_rng, pad=config.dataset.get('augment_pad', 4))
+    common = dict(apply_fn=state.apply_fn, images=images, labels=batch['label'],
+                  batch_stats=state.batch_stats, dropout_rng=dropout_rng)
     if licensed:
-      loss_fn = functools.partial(objective.licensed_loss, apply_fn=state.apply_fn, images=images,
-                                  labels=batch['label'], table=table, geometry=geometry,
-                                  rng=rng, cfg=obj_cfg, teacher_params=teacher_params)
+      loss_fn = functools.partial(objective.licensed_loss, table=table, geometry=geometry, rng=rng,
+                                  cfg=obj_cfg, teacher_params=teacher_params, **common)
     else:
-      loss_fn = functools.partial(objective.plain_loss, apply_fn=state.apply_fn, images=images,
-                                  labels=batch['label'])
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+      loss_fn = functools.partial(objective.plain_loss, **common)
+    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     metrics['grad_norm'] = optax.tree.norm(grads)
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
   return train_step
 
@@ -167,9 +226,9 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
     mesh: device mesh (default: all devices).
     stop_after_steps: stop (with a checkpoint) once the state reaches this step; for tests and
       staged runs. None trains to the end.
-    init_params: start from these parameters (fine-tuning) instead of a fresh initialization, when
-      the workdir has no checkpoint yet.
-    teacher_params: a teacher for the licensed loss (see ``objective.licensed_loss``).
+    init_params: start from these variables (``{'params', 'batch_stats'}``, or bare params) instead
+      of a fresh initialization (fine-tuning), when the workdir has no checkpoint yet.
+    teacher_params: a teacher's variables for the licensed loss (see ``objective.licensed_loss``).
     successors: new key name -> the key it replaces, for the teacher.
 
   Returns:
@@ -193,6 +252,8 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
   if per_epoch == 0:
     raise ValueError(f'train.batch_size={tcfg.batch_size} exceeds the {num_train} training examples.')
 
+  if jax.process_index() == 0:
+    write_model_info(workdir, dataset)
   mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'), tcfg.checkpoint_every,
                                tcfg.keep_checkpoints)
   abstract = abstract_train_state(model, config, dataset.image_shape, num_train, mesh)
@@ -205,9 +266,12 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
     state = jax.jit(functools.partial(create_train_state, model, config, dataset.image_shape,
                                       num_train), out_shardings=parallel.replicated(mesh))(init_rng)
     if init_params is not None:
-      state = state.replace(params=jax.device_put(init_params, parallel.replicated(mesh)),
+      init = as_variables(init_params)
+      state = state.replace(params=jax.device_put(init['params'], parallel.replicated(mesh)),
+                            batch_stats=jax.device_put(init.get('batch_stats', state.batch_stats),
+                                                       parallel.replicated(mesh)),
                             opt_state=jax.jit(state.tx.init, out_shardings=parallel.replicated(mesh))(
-                                init_params))
+                                init['params']))
   start = int(state.step)
   end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
 
@@ -217,7 +281,7 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
                               refuse_denied=config.license.get('denied_output', 'silence') == 'refuse')
       if licensed else objective.LicenseTable(*(np.zeros((1,), np.float32),) * 6), parallel.replicated(mesh))
   if teacher_params is not None:
-    teacher_params = jax.device_put(teacher_params, parallel.replicated(mesh))
+    teacher_params = jax.device_put(as_variables(teacher_params), parallel.replicated(mesh))
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   schedule = make_schedule(tcfg, total_steps)
   step_fn = jit_train_step(make_train_step(config, geometry, licensed), mesh)
@@ -280,9 +344,19 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
   return state
 
 
-def host_params(state: TrainState) -> Any:
-  """This host's copy of the (replicated) parameters, as numpy: evaluation runs per host."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+def write_model_info(workdir: str, dataset: data_lib.Dataset) -> None:
+  """WORKDIR/model.json: what ``inference.load`` needs besides the config (the number of classes
+  and the image shape depend on dataset options such as CelebA's number of identities)."""
+  os.makedirs(workdir, exist_ok=True)
+  info = {'num_classes': int(dataset.num_classes), 'image_shape': [int(d) for d in dataset.image_shape]}
+  keys_lib._atomic_write(os.path.join(workdir, 'model.json'),  # pylint: disable=protected-access
+                         lambda f: f.write(json.dumps(info)))
+
+
+def host_params(state: TrainState) -> dict:
+  """This host's copy of the (replicated) variables (``{'params', 'batch_stats'}``), as numpy:
+  evaluation runs per host."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.variables)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

@@ -84,9 +84,9 @@ def test_denied_and_revoked_stamps_are_negatives():
   images = jnp.zeros((8, 28, 28, 1))
   labels = jnp.zeros((8,), jnp.int32)
   params = model.init(jax.random.key(0), images)['params']
-  _, metrics = objective.licensed_loss(params, model.apply, images, labels,
-                                       objective.license_table([key], [], 10), GEOM, jax.random.key(1),
-                                       obj_cfg())
+  _, (metrics, _) = objective.licensed_loss(params, model.apply, images, labels,
+                                            objective.license_table([key], [], 10), GEOM,
+                                            jax.random.key(1), obj_cfg())
   assert float(metrics['pos_loss']) == 0.0 and float(metrics['neg_loss']) > 0.0
 
 
@@ -126,7 +126,7 @@ def test_licensed_loss_gradients_finite_and_reduce_loss():
   table = objective.license_table([key], [], 10)
   loss_fn = lambda p: objective.licensed_loss(p, model.apply, images, labels, table, GEOM,
                                                jax.random.key(1), obj_cfg())
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   assert np.isfinite(float(loss))
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert {'pos_loss', 'neg_loss', 'pos_acc', 'neg_silenced_frac'} <= set(metrics)
@@ -144,7 +144,7 @@ def test_distillation_pulls_new_key_towards_teacher_on_old_key():
   cfg = obj_cfg(distill_weight=1.0)
   def distill(table):
     return float(objective.licensed_loss(params, model.apply, images, labels, table, GEOM, jax.random.key(1),
-                                         cfg, teacher_params=params)[1]['distill_loss'])
+                                         cfg, teacher_params={'params': params})[1][0]['distill_loss'])
   # Teacher = student and the teacher sees the same key: nothing to learn.
   assert distill(objective.license_table([new], [old], 10)) == pytest.approx(0.0, abs=1e-10)
   # The teacher sees the old key in place of the new one: the features differ.

@@ -86,8 +86,8 @@ def test_nan_loss_raises(small, tmp_path, monkeypatch):
   real = objective.plain_loss
 
   def poisoned(*args, **kw):
-    loss, metrics = real(*args, **kw)
-    return loss * np.nan, dict(metrics, loss=loss * np.nan)
+    loss, (metrics, stats) = real(*args, **kw)
+    return loss * np.nan, (dict(metrics, loss=loss * np.nan), stats)
 
   monkeypatch.setattr(objective, 'plain_loss', poisoned)
   with pytest.raises(FloatingPointError, match='Loss is nan at step'):

@@ -15,11 +15,24 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.seed = 0  # base PRNG seed: initialization, data order, forged negatives
 
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = 'fashion_mnist'  # one of securenet_jax.data.KNOWN
+  config.dataset.name = 'fashion_mnist'  # one of securenet_jax.data.NAMES
   config.dataset.source = 'idx'  # 'idx' (MNIST-format files) or 'tfds' (prepared tensorflow-datasets)
   config.dataset.data_dir = '/usr/share/datasets/fashion-mnist'  # IDX folder, or the tfds data_dir
   config.dataset.train_limit = 0  # keep only the first N training examples (0: all)
   config.dataset.test_limit = 0  # keep only the first N test examples (0: all)
+  # Face datasets (celeba, facescrub) and cifar100; see securenet_jax/data/__init__.py.
+  config.dataset.image_size = 64  # side of the resized faces
+  config.dataset.celeba_task = 'identity'  # 'identity' (num_identities most frequent) or 'attribute'
+  config.dataset.num_identities = 1000  # CelebA identity task: how many identities
+  config.dataset.attribute = 'Smiling'  # CelebA attribute task: which of the 40 attributes (binary)
+  config.dataset.celeba_crop = 140  # side of the centred square cut from the 178x218 aligned faces
+  config.dataset.test_fraction = 0.1  # per-identity share of images held out (celeba identity, facescrub)
+  config.dataset.split_seed = 0  # seed of that per-identity split
+  config.dataset.label_mode = 'fine'  # cifar100: 'fine' (100 classes) or 'coarse' (20)
+  config.dataset.cache = True  # cache decoded faces as .npz
+  config.dataset.cache_dir = ''  # where ('' = in data_dir)
+  config.dataset.augment = ''  # '' or 'crop_flip' (random crop after zero padding + horizontal flip, on device)
+  config.dataset.augment_pad = 4  # padding of the random crop, in pixels
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'lenet5'  # securenet_jax.models.names()
@@ -61,11 +74,17 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 8  # passes over the training set
+  config.train.optimizer = 'adamw'  # 'adamw' or 'sgd' (see train.make_optimizer)
+  config.train.momentum = 0.9  # sgd momentum
+  config.train.nesterov = False  # sgd: Nesterov momentum
+  config.train.agc_clip = 0.0  # > 0: adaptive gradient clipping (NFNets) at this ratio, classifier excluded
+  config.train.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
+  config.train.prefetch = 2  # batches moved to the devices ahead of the step
   config.train.batch_size = 128  # global batch (split over all devices and hosts)
   config.train.learning_rate = 2e-3  # peak learning rate
   config.train.warmup_steps = 200  # linear warmup steps
   config.train.final_lr_fraction = 0.01  # cosine decay ends at this fraction of the peak
-  config.train.weight_decay = 1e-4  # AdamW decoupled weight decay
+  config.train.weight_decay = 1e-4  # AdamW: decoupled weight decay; sgd: L2 added to the gradient
   config.train.log_every = 100  # steps between progress logs / TensorBoard points
   config.train.checkpoint_every = 500  # steps between checkpoints (plus one at the end and on SIGTERM)
   config.train.keep_checkpoints = 2  # how many recent checkpoints to keep
@@ -96,3 +115,37 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   elif variant:
     raise ValueError(f'Unknown config variant {variant!r}; expected "" or "smoke".')
   return config
+
+
+def sgd_recipe(config: ml_collections.ConfigDict, *, learning_rate: float, weight_decay: float,
+               num_epochs: int, batch_size: int, nesterov: bool = True, warmup_epochs: float = 1.0,
+               num_train: int = 50_000) -> ml_collections.ConfigDict:
+  """SGD with momentum 0.9, linear warmup and cosine decay: the recipe family of the ResNet, VGG and
+  NFNet papers (their step schedules replaced by cosine, Loshchilov & Hutter, ICLR 2017)."""
+  config.train.optimizer = 'sgd'
+  config.train.momentum = 0.9
+  config.train.nesterov = nesterov
+  config.train.learning_rate = learning_rate
+  config.train.weight_decay = weight_decay
+  config.train.num_epochs = num_epochs
+  config.train.batch_size = batch_size
+  config.train.warmup_steps = int(warmup_epochs * num_train / batch_size)
+  config.train.final_lr_fraction = 0.0
+  return config
+
+
+def tiny_smoke(config: ml_collections.ConfigDict, batch_size: int = 8) -> ml_collections.ConfigDict:
+  """A few steps on a few examples, for the test suite's end-to-end run of a large model on CPU:
+  4 training steps, 32 test images, 2 forged keys, no baseline."""
+  config.dataset.train_limit = 4 * batch_size
+  config.dataset.test_limit = 32
+  config.train.num_epochs = 1
+  config.train.batch_size = batch_size
+  config.train.warmup_steps = 1
+  config.train.log_every = 2
+  config.train.checkpoint_every = 4
+  config.eval.batch_size = 32
+  config.eval.num_forged = 2
+  config.eval.clean_baseline = False
+  return config
+

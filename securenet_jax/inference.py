@@ -142,10 +142,8 @@ def model_info(workdir: str, config) -> tuple[int, tuple[int, int, int]]:
     with open(path) as f:
       info = json.load(f)
     return int(info['num_classes']), tuple(info['image_shape'])
-  if config.dataset.name in data_lib.KNOWN:  # workdirs written before model.json existed
-    num_classes, image_shape, _ = data_lib.KNOWN[config.dataset.name]
-    return num_classes, tuple(image_shape)
-  raise FileNotFoundError(f'{workdir!r} has no model.json (number of classes and image shape).')
+  spec = data_lib.spec(config.dataset)  # workdirs written before model.json existed
+  return spec.num_classes, tuple(spec.image_shape)
 
 
 def load(workdir: str, step: int | None = None) -> LicensedModel:

@@ -35,9 +35,11 @@ from securenet_jax import keys as keys_lib
 from securenet_jax import models
 from securenet_jax import objective
 from securenet_jax import parallel
+from securenet_jax.data import prefetch as prefetch_lib
 
 # Fields that may change between a run and its resumption without changing what is trained.
 _RESUMABLE_FIELDS = ('eval', 'distributed', 'key.secret', 'train.log_every', 'train.checkpoint_every',
+                     'train.prefetch', 'dataset.cache', 'dataset.cache_dir',
                      'train.keep_checkpoints')
 
 
@@ -285,8 +287,12 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   schedule = make_schedule(tcfg, total_steps)
   step_fn = jit_train_step(make_train_step(config, geometry, licensed), mesh)
-  batches = data_lib.train_batches(dataset.train_images, dataset.train_labels, tcfg.batch_size,
-                                   config.seed, start, jax.process_index(), jax.process_count())
+  host_batches = data_lib.train_batches(dataset.train_images, dataset.train_labels, tcfg.batch_size,
+                                        config.seed, start, jax.process_index(), jax.process_count())
+  # The next batches travel to the devices on a background thread while the current step runs.
+  batches = prefetch_lib.prefetch(
+      ({'image': image, 'label': label} for image, label in host_batches), tcfg.get('prefetch', 2),
+      lambda b: parallel.host_to_global(b, mesh))
   writer = _summary_writer(os.path.join(workdir, 'tensorboard'))
   if start < end:
     logging.info('Training %s: steps %d..%d of %d (%d per epoch), global batch %d on %d device(s)',
@@ -305,8 +311,7 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
   with _SigtermFlag() as sigterm:
     try:
       for step in range(start, end):
-        image, label = next(batches)
-        batch = parallel.host_to_global({'image': image, 'label': label}, mesh)
+        batch = next(batches)
         state, metrics = step_fn(state, batch, table, base_rng, teacher_params)
         if prev is not None:  # one step behind, so the host never stalls the device pipeline
           finite_or_raise(*prev)
@@ -337,6 +342,7 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
       if end > start:
         checkpointing.save_now(mngr, end, state)
     finally:
+      batches.close()
       mngr.wait_until_finished()
       mngr.close()
       if writer is not None:
@@ -481,7 +487,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics = evaluate.evaluate_and_report(
       config, workdir, dataset, host_params(state), active, revoked,
       None if baseline_state is None else host_params(baseline_state),
-      write=jax.process_index() == 0)
-  timings['evaluate_s'] = time.perf_counter() - t0
-  logging.info('Timings: %s', timings)
+      write=jax.process_index() == 0, extra=timings)
+  logging.info('Timings: %s, evaluation %.1fs', timings, time.perf_counter() - t0)
   return metrics

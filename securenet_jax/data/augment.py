@@ -1,0 +1,37 @@
+"""On-device data augmentation: pure functions of (batch, PRNG key), for use inside the jitted step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def crop_flip(images: jax.Array, rng: jax.Array, pad: int = 4, flip: bool = True) -> jax.Array:
+  """The standard CIFAR augmentation: per example, a random ``H x W`` crop of the image zero-padded
+  by ``pad`` pixels on each side, then a horizontal flip with probability 1/2.
+
+  Args:
+    images: (N, H, W, C) batch, any dtype (float in training). Padding uses 0 in the batch's own
+      scale (black for [0, 1] images).
+    rng: a PRNG key; each example draws its own offset and flip from it.
+    pad: padding in pixels (a Python int: it fixes shapes); 0 disables the crop.
+    flip: whether to flip (a Python bool).
+
+  Returns:
+    A batch of the same shape and dtype. Pure and jittable; vmapped over the batch.
+  """
+  if images.ndim != 4:
+    raise ValueError(f'crop_flip expects an (N, H, W, C) batch, got shape {images.shape}.')
+  if pad < 0:
+    raise ValueError(f'pad must be >= 0, got {pad}.')
+  n, h, w, c = images.shape
+  crop_rng, flip_rng = jax.random.split(rng)
+  offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * pad + 1)
+  flips = jax.random.bernoulli(flip_rng, 0.5, (n,)) if flip else jnp.zeros((n,), bool)
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else images
+
+  def one(image, offset, flip_it):
+    out = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c)) if pad else image
+    return jnp.where(flip_it, out[:, ::-1, :], out) if flip else out
+
+  return jax.vmap(one)(padded, offsets, flips)

@@ -1,4 +1,12 @@
-"""Tests of securenet_jax.models."""
+"""Tests of securenet_jax.models.
+
+Full-size models are only ever traced (``jax.eval_shape``). The small-input tests fill the variables
+with cheap numpy values instead of running ``init`` (compiling the initializers of a deep network
+costs more than compiling the network itself on CPU) and jit one train and one eval function per
+model and input shape.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +14,7 @@ import numpy as np
 import pytest
 
 from securenet_jax import models
+from securenet_jax.models import nfnet
 
 
 def num_params(module, shape):
@@ -33,4 +42,230 @@ def test_create_rejects_unknown():
     models.create('alexnet', 10)
   with pytest.raises(ValueError, match='num_classes'):
     models.create('lenet5', 1)
-  assert 'lenet5' in models.names()
+  for name in ('lenet5', 'vgg16', 'resnet18', 'resnet101', 'nfnet_f5', 'mobilenetv3_large',
+               'mobilenetv3_small'):
+    assert name in models.names()
+
+
+@pytest.mark.parametrize('name, kwargs, expected', [
+    ('resnet18', {}, 11_689_512),
+    ('resnet101', {}, 44_549_160),
+    ('vgg16', {}, 138_357_544),
+    ('vgg16', {'batch_norm': True}, 138_365_992),
+    ('mobilenetv3_large', {}, 5_483_032),
+    ('mobilenetv3_small', {}, 2_542_856),
+    ('nfnet_f5', {'variant': 'F0'}, 71_489_284),  # timm's dm_nfnet_f0: 71.5M
+])
+def test_imagenet_parameter_counts_match_torchvision(name, kwargs, expected):
+  assert num_params(models.create(name, 1000, **kwargs), (1, 224, 224, 3)) == expected
+
+
+def test_nfnet_f5_parameter_count_matches_paper():
+  model = models.create('nfnet_f5', 1000)
+  assert (model.variant, model.width_multiplier) == ('F5', 1.0)
+  assert nfnet.variant_depths('F5') == (6, 12, 36, 18)
+  assert abs(num_params(model, (1, 224, 224, 3)) / 377.2e6 - 1) < 0.01
+
+
+def test_vgg16_batch_norm_keeps_running_stats_out_of_params():
+  model = models.create('vgg16', 1000, batch_norm=True)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  assert len(variables['batch_stats']) == 13
+
+
+# name -> (create kwargs for the quick small-input tests, whether it has BN, whether it has dropout)
+SMALL = {
+    'vgg16': ({}, False, True),
+    'vgg16_bn': ({'batch_norm': True}, True, True),
+    'resnet18': ({}, True, False),
+    'resnet101': ({}, True, False),
+    'mobilenetv3_large': ({}, True, True),
+    'mobilenetv3_small': ({}, True, True),
+    'nfnet_f5': ({'variant': 'F0', 'width_multiplier': 0.125}, False, True),
+}
+NUM_CLASSES = 5
+# Width of the gate for 28x28 (VGG: padded to 32x32) and 32x32 inputs: the last hidden FC layer, or
+# the flattened 4x4 map of the last block / final conv.
+GATE_WIDTH = {'vgg16': 512, 'vgg16_bn': 512, 'resnet18': 16 * 512, 'resnet101': 16 * 2048,
+              'mobilenetv3_large': 1280, 'mobilenetv3_small': 1024, 'nfnet_f5': 16 * 2 * 192}
+
+
+def small_model(key, **extra):
+  kwargs, _, _ = SMALL[key]
+  return models.create(key.removesuffix('_bn'), NUM_CLASSES, small_inputs=True, **kwargs, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_variables(key, shape):
+  model = small_model(key)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+
+
+def fake_variables(key, shape, seed=0):
+  """Variables of the right structure with cheap random values (no initializer is compiled)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      v = rng.normal(0, np.sqrt(2 / fan_in), leaf.shape)
+    elif name in ('scale', 'gain'):
+      v = rng.uniform(0.3, 0.7, leaf.shape)
+    elif name == 'skip_gain':
+      v = np.ones(leaf.shape)
+    elif name in ('bias', 'mean'):
+      v = rng.normal(0, 0.1, leaf.shape)
+    elif name == 'var':
+      v = rng.uniform(0.5, 1.5, leaf.shape)
+    else:
+      raise AssertionError(f'unexpected variable {path}')
+    return jnp.asarray(v, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract_variables(key, shape))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(key):
+  """Jitted (train, eval) functions of the small model ``key``; both return (logits, state)."""
+  model = small_model(key)
+
+  @jax.jit
+  def train_fn(variables, x, rng):
+    return model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'],
+                       rngs={'dropout': rng})
+
+  @jax.jit
+  def eval_fn(variables, x, rng):
+    return model.apply(variables, x, train=False, mutable=['intermediates'], rngs={'dropout': rng})
+
+  return train_fn, eval_fn
+
+
+def images(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).random(shape), jnp.float32)
+
+
+@pytest.mark.parametrize('shape', [(2, 28, 28, 1), (2, 32, 32, 3)])
+@pytest.mark.parametrize('key', list(SMALL))
+def test_small_inputs_train_and_eval(key, shape):
+  _, has_bn, has_dropout = SMALL[key]
+  if key == 'vgg16_bn' and shape[-1] == 1:
+    pytest.skip('VGG-16 with BN: one input shape is enough')
+  train_fn, eval_fn = compiled(key)
+  variables = fake_variables(key, shape)
+  x = images(shape)
+  r1, r2 = jax.random.key(1), jax.random.key(2)
+
+  logits, state = eval_fn(variables, x, r1)
+  assert logits.shape == (2, NUM_CLASSES) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  (g,) = state['intermediates']['penultimate']
+  assert g.shape == (2, GATE_WIDTH[key]) and g.dtype == jnp.float32
+  # Eval mode: deterministic and independent of the dropout rng.
+  np.testing.assert_array_equal(logits, eval_fn(variables, x, r2)[0])
+
+  train_logits, train_state = train_fn(variables, x, r1)
+  assert train_logits.shape == (2, NUM_CLASSES)
+  assert train_state['intermediates']['penultimate'][0].shape == g.shape
+  np.testing.assert_array_equal(train_logits, train_fn(variables, x, r1)[0])
+  other = train_fn(variables, x, r2)[0]
+  assert np.any(np.asarray(other) != np.asarray(train_logits)) == has_dropout
+  assert ('batch_stats' in variables) == has_bn
+  if has_bn:
+    old, new = variables['batch_stats'], train_state['batch_stats']
+    assert jax.tree.structure(old) == jax.tree.structure(new)
+    for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+      assert a.shape == b.shape and not np.allclose(a, b)
+    # Batch statistics, not running averages, in training mode.
+    assert not np.allclose(train_logits, logits)
+
+
+@pytest.mark.parametrize('key', list(SMALL))
+def test_small_inputs_64px_and_bfloat16(key):
+  """64x64 inputs with bfloat16 computation (traced only): float32 parameters, logits and gate."""
+  model = small_model(key, dtype=jnp.bfloat16)
+  x = jnp.zeros((2, 64, 64, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  logits, state = jax.eval_shape(lambda v: model.apply(v, x, mutable=['intermediates']), variables)
+  assert logits.shape == (2, NUM_CLASSES) and logits.dtype == jnp.float32
+  (g,) = state['intermediates']['penultimate']
+  assert g.ndim == 2 and g.dtype == jnp.float32
+
+
+# The output head as a function of the gate g: what each model must compute from g alone.
+def _relu_head(g, fc, pool):
+  c = fc['kernel'].shape[0]
+  features = np.maximum(g, 0).reshape(g.shape[0], -1, c).mean(axis=1) if pool else np.maximum(g, 0)
+  return features, features @ fc['kernel'] + fc['bias']
+
+
+def _hard_swish_head(g, fc):
+  z = g - 3
+  features = z * np.clip(g, 0, 6) / 6
+  return features, features @ fc['kernel'] + fc['bias']
+
+
+def _gelu_head(g, fc):
+  c = fc['kernel'].shape[0]
+  z = (g - 3).reshape(g.shape[0], -1, c)
+  features = (np.asarray(jax.nn.gelu(z)) * nfnet.GELU_GAMMA).mean(axis=1)
+  return features, features @ fc['kernel'] + fc['bias']
+
+
+# key -> (output layer, head(g, output layer params), layer whose bias feeds the gate, the bias
+# that makes the gate take both signs, the bias that silences it)
+GATES = {
+    'vgg16': ('head', lambda g, fc: _relu_head(g, fc, pool=False), 'fc1', 0.0, -1e4),
+    'resnet18': ('head', lambda g, fc: _relu_head(g, fc, pool=True), 'layer4_1_bn2', 0.0, -1e4),
+    'resnet101': ('head', lambda g, fc: _relu_head(g, fc, pool=True), 'layer4_2_bn3', 0.0, -1e4),
+    'mobilenetv3_large': ('head', _hard_swish_head, 'fc1', -3.0, -1e3),
+    'mobilenetv3_small': ('head', _hard_swish_head, 'fc1', -3.0, -1e3),
+    'nfnet_f5': ('head', _gelu_head, 'final_conv', -3.0, -100.0),
+}
+
+
+@pytest.mark.parametrize('key', list(GATES))
+def test_gate_determines_the_logits(key):
+  """The logits are the output layer applied to a fixed function of the sown gate g (ReLU,
+  hard-swish(g - 3), scaled GELU(g - 3), pooled); and a gate <= 0 everywhere gives the bias."""
+  shape = (2, 32, 32, 3)
+  fc_name, head, gate_layer, live_bias, very_negative = GATES[key]
+  _, eval_fn = compiled(key)
+  variables = fake_variables(key, shape, seed=1)
+  bias = variables['params'][gate_layer]['bias']
+  variables['params'][gate_layer]['bias'] = bias * 10 + live_bias
+  x = images(shape, seed=1)
+  fc = jax.tree.map(np.asarray, variables['params'][fc_name])
+  assert np.all(np.abs(fc['bias']) > 0)
+
+  logits, state = eval_fn(variables, x, jax.random.key(0))
+  g = np.asarray(state['intermediates']['penultimate'][0])
+  assert np.any(g > 0) and np.any(g < 0)  # a live gate: some units on, some off
+  features, expected = head(g, fc)
+  scale = np.abs(expected).max()
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5 * scale)
+  assert np.any(np.abs(features) > 1e-3)
+  assert np.all(np.abs(np.asarray(logits) - fc['bias']) > 1e-4 * scale)
+
+  # Silence the gate with a very negative bias just before it: the logits become the output bias.
+  silenced = jax.tree.map(lambda a: a, variables)
+  silenced['params'][gate_layer]['bias'] = jnp.full_like(bias, very_negative)
+  logits, state = eval_fn(silenced, x, jax.random.key(0))
+  g = np.asarray(state['intermediates']['penultimate'][0])
+  assert np.all(g <= 0)
+  if key == 'nfnet_f5':  # GELU: features within ~0.0062 of zero, not exactly zero
+    features, _ = head(g, fc)
+    assert np.abs(features).max() < 0.0063
+    np.testing.assert_allclose(logits, np.broadcast_to(fc['bias'], logits.shape),
+                               atol=0.0063 * np.abs(fc['kernel']).sum(0).max())
+  else:
+    np.testing.assert_array_equal(logits, np.broadcast_to(fc['bias'], logits.shape))
+
+
+def test_nfnet_variant_depths():
+  assert nfnet.variant_depths('F0') == (1, 2, 6, 3)
+  assert nfnet.variant_depths('F7') == (8, 16, 48, 24)
+  with pytest.raises(ValueError, match='variant'):
+    nfnet.variant_depths('F8')

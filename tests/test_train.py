@@ -172,3 +172,19 @@ def test_license_grants_from_matrix_and_tiers(smoke_config):
     config.license.matrix = bad
     with pytest.raises(ValueError):
       train.license_grants(config, 10)
+
+
+def test_optimizers_and_adaptive_clipping_spare_the_head():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  params = {'conv': {'kernel': np.ones((3, 3), np.float32)}, 'head': {'kernel': np.ones((3, 3), np.float32)}}
+  grads = jax.tree.map(lambda x: 100.0 * x, params)  # far above 1% of the weights' norm
+  cfg = ml_collections.ConfigDict(dict(learning_rate=1.0, warmup_steps=0, final_lr_fraction=1.0,
+                                       weight_decay=0.0, optimizer='sgd', momentum=0.0, agc_clip=0.01))
+  tx = train.make_optimizer(cfg, total_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # AGC clips the conv's update to 1% of its weight norm; the head's is the raw gradient.
+  np.testing.assert_allclose(np.linalg.norm(updates['conv']['kernel']), 0.01 * 3.0, rtol=1e-4)
+  np.testing.assert_allclose(updates['head']['kernel'], -100.0 * np.ones((3, 3)), rtol=1e-6)
+  cfg.optimizer = 'lamb'
+  with pytest.raises(ValueError, match='train.optimizer'):
+    train.make_optimizer(cfg, total_steps=10)

@@ -2,7 +2,12 @@
 
 Every model takes NHWC float images in [0, 1], accepts ``train: bool`` in ``__call__`` and sows the
 pre-activation of its penultimate layer as ``intermediates/penultimate`` (used by the licensed
-objective and the leakage probes).
+objective and the leakage probes): a (N, D) float32 "gate" such that if all its entries are <= 0 the
+features fed to the output layer are zero (within ~0.006 for the GELU network NFNet), so the logits
+equal the output bias. ``create(name, num_classes)`` is the standard ImageNet architecture;
+``small_inputs=True`` selects the CIFAR-style variant for 28-64 px images (all models but LeNet-5),
+and ``dtype`` the computation dtype (parameters stay float32, logits are float32). The output
+layer is named ``head`` (``fc3`` in LeNet-5): adaptive gradient clipping leaves it alone.
 """
 
 from __future__ import annotations
@@ -10,9 +15,19 @@ from __future__ import annotations
 import flax.linen as nn
 
 from securenet_jax.models.lenet import LeNet5
+from securenet_jax.models.mobilenetv3 import MobileNetV3Large, MobileNetV3Small
+from securenet_jax.models.nfnet import NFNet
+from securenet_jax.models.resnet import ResNet18, ResNet101
+from securenet_jax.models.vgg import VGG16
 
 _MODELS = {
     'lenet5': LeNet5,
+    'vgg16': VGG16,
+    'resnet18': ResNet18,
+    'resnet101': ResNet101,
+    'nfnet_f5': NFNet,  # variant='F5' by default; ``variant`` selects F0-F7
+    'mobilenetv3_large': MobileNetV3Large,
+    'mobilenetv3_small': MobileNetV3Small,
 }
 
 
@@ -26,7 +41,8 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
   Args:
     name: one of :func:`names`.
     num_classes: size of the output layer.
-    **kwargs: architecture options of that model (e.g. ``input_size`` for LeNet-5).
+    **kwargs: architecture options of that model (e.g. ``input_size`` for LeNet-5,
+      ``small_inputs``, ``dtype``, ``batch_norm`` for VGG-16, ``variant`` for NFNet).
   """
   if name not in _MODELS:
     raise ValueError(f'Unknown model {name!r}; available: {names()}.')

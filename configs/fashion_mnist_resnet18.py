@@ -20,6 +20,9 @@ def get_config(variant: str = ''):
   config.model.kwargs.small_inputs = True
   default.sgd_recipe(config, learning_rate=0.1, weight_decay=5e-4, num_epochs=10, batch_size=128,
                      num_train=60_000)
+  # Keep every positive's gate open (objective.py): with deep BatchNorm networks the silencing hinge
+  # can otherwise close the gate for all inputs early in training (seen with 'refuse' multi-user keys).
+  config.objective.liveness_weight = 1.0
   if variant == 'smoke':
     default.tiny_smoke(config)
   return config

@@ -3,8 +3,8 @@
   python scripts/zoo_fashion_mnist.py --out /tmp/zoo --models resnet18,vgg16,mobilenetv3_large \
       [--budget_s 600] [--data_dir DIR] [-- extra --config.* overrides]
 
-Each model runs `python -m securenet_jax.main --config configs/fashion_mnist_resnet18.py
---config.model.name=M` in its own process (a crash of one does not stop the others) into
+Each model runs `python -m securenet_jax.main --config configs/fashion_mnist_cnn.py:M` in its own
+process (a crash of one does not stop the others) into
 OUT/<model>; a model is skipped once --budget_s seconds have passed. Writes OUT/zoo.json (every
 model's metrics.json plus its wall time) and OUT/zoo.md (a table).
 """
@@ -37,8 +37,8 @@ def main():
       results[name] = {'skipped': 'budget'}
       continue
     workdir = os.path.join(args.out, name)
-    cmd = [sys.executable, '-m', 'securenet_jax.main', '--config', 'configs/fashion_mnist_resnet18.py',
-           f'--config.model.name={name}', f'--workdir={workdir}', f'--config.key.secret=zoo-{name}',
+    cmd = [sys.executable, '-m', 'securenet_jax.main', '--config', f'configs/fashion_mnist_cnn.py:{name}',
+           f'--workdir={workdir}', f'--config.key.secret=zoo-{name}',
            *([f'--config.dataset.data_dir={args.data_dir}'] if args.data_dir else []), *overrides]
     print('[zoo]', ' '.join(cmd), flush=True)
     t0 = time.perf_counter()

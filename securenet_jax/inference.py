@@ -146,9 +146,10 @@ def model_info(workdir: str, config) -> tuple[int, tuple[int, int, int]]:
   return spec.num_classes, tuple(spec.image_shape)
 
 
-def load(workdir: str, step: int | None = None) -> LicensedModel:
+def load(workdir: str, step: int | None = None, baseline: bool = False) -> LicensedModel:
   """Loads the licensed model of a workdir: its config, checkpoint ``step`` (default: latest) and key
-  registry.
+  registry. ``baseline=True`` loads the unlicensed baseline trained beside it (WORKDIR/baseline),
+  with the same config and no keys: the unprotected model of the security report.
 
   Raises:
     FileNotFoundError: the workdir has no config or no checkpoint.
@@ -162,9 +163,11 @@ def load(workdir: str, step: int | None = None) -> LicensedModel:
     config = ml_collections.ConfigDict(json.load(f))
   num_classes, image_shape = model_info(workdir, config)
   module = train.build_model(config, num_classes)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  model_dir = os.path.join(workdir, 'baseline') if baseline else workdir
+  ckpt_dir = os.path.join(model_dir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f'{workdir!r} has no checkpoints yet.')
+    raise FileNotFoundError(f'{model_dir!r} has no checkpoints'
+                            f'{" (trained with eval.clean_baseline=True)" if baseline else " yet"}.')
   mesh = parallel.create_mesh(jax.local_devices()[:1])
   abstract = train.abstract_train_state(module, config, image_shape, config.train.batch_size, mesh)
   mngr = checkpointing.manager(ckpt_dir, 1, 1, read_only=True)
@@ -173,7 +176,8 @@ def load(workdir: str, step: int | None = None) -> LicensedModel:
   finally:
     mngr.close()
   key_dir = os.path.join(workdir, 'keys')
-  registry = keys_lib.KeyRegistry.load(key_dir) if keys_lib.KeyRegistry.exists(key_dir) else None
+  registry = (keys_lib.KeyRegistry.load(key_dir) if keys_lib.KeyRegistry.exists(key_dir) and not baseline
+              else None)
   return LicensedModel(module, state.variables, image_shape, num_classes,
                        keys=registry.active if registry else {},
                        revoked_keys=registry.revoked if registry else {},

@@ -42,8 +42,12 @@ def main(argv):
       train.train_and_evaluate(config, FLAGS.workdir)
     elif job == 'replace_key':
       replace.replace_and_evaluate(config, FLAGS.workdir)
+    elif job == 'security':
+      from securenet_jax import security  # pylint: disable=g-import-not-at-top
+      security.run(config, FLAGS.workdir)
     else:
-      raise app.UsageError(f'Unknown job {job!r} in the config; expected "train" or "replace_key".')
+      raise app.UsageError(f'Unknown job {job!r} in the config; expected "train", "replace_key" or '
+                           f'"security".')
   except train.Preempted as e:
     logging.warning('%s', e)
     sys.exit(0)

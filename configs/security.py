@@ -1,0 +1,89 @@
+"""The security evaluation of a trained workdir (issue: security suite; threat model DESIGN.md §2).
+
+  python -m securenet_jax.main --config configs/security.py --config.target_workdir=W --workdir OUT
+
+writes OUT/report/security.json (flat figures + nested sections), security.md and figures. Every
+attack runs against the licensed model of W and, beside it, the unprotected baseline W/baseline (the
+same recipe without the license). Sections can be switched off with --config.sections=forgery,leakage.
+Variant 'smoke': a few seconds per section (tests).
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.job = 'security'
+  config.target_workdir = ''  # the trained workdir to attack (needs W/baseline for the comparisons)
+  config.key_name = ''  # which active key the licensee holds ('' = the first)
+  config.seed = 0
+  config.sections = ('forgery', 'leakage', 'recovery', 'removal', 'adversarial', 'backdoor')
+  config.num_test = 0  # test images used by the costly sections (0 = all); forgery uses all
+
+  config.forgery = ml_collections.ConfigDict()
+  config.forgery.num_forged = 1000  # random forged keys
+  config.forgery.seed = 2_000_000  # first seed (disjoint from training and the default report's)
+  config.forgery.near_fractions = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # share of key pixels re-randomized
+  config.forgery.near_draws = 10  # near keys per fraction
+  config.forgery.shifts = (1, 2, 3, 4)  # true key moved by this many pixels (4 directions each)
+
+  config.recovery = ml_collections.ConfigDict()
+  config.recovery.data_fraction = 0.01  # the thief's labeled data (share of train)
+  config.recovery.steps = 600  # Adam steps of the mask/pattern optimization
+  config.recovery.learning_rate = 0.1
+  config.recovery.l1_weights = (0.0, 0.01)  # mask-size penalties tried (the thief keeps the best)
+  config.recovery.batch_size = 128
+
+  config.removal = ml_collections.ConfigDict()
+  config.removal.fractions = (0.01, 0.05, 0.10)  # labeled data the thief fine-tunes on
+  config.removal.learning_rates = (1e-3, 3e-3)  # the thief's sweep (best fine-tune reported)
+  config.removal.epochs = 10
+  config.removal.min_steps = 300  # small subsets still get this many steps
+  config.removal.batch_size = 64
+  config.removal.prune_fractions = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+  config.adversarial = ml_collections.ConfigDict()
+  config.adversarial.eps = (0.1, 0.2)  # L-inf budgets (28x28 gray); 8/255 for 32x32 color
+  config.adversarial.steps = 20
+  config.adversarial.step_size_factor = 2.5  # step size = factor * eps / steps (Madry et al., 2018)
+  config.adversarial.restarts = 1
+  config.adversarial.num_test = 1000
+  config.adversarial.surrogate_fraction = 0.1  # the thief's own data for a surrogate model
+  config.adversarial.surrogate_epochs = 5
+
+  config.backdoor = ml_collections.ConfigDict()
+  config.backdoor.target = 0
+  config.backdoor.triggers = ('badnets', 'blend')
+  config.backdoor.thief_poison_rate = 0.1
+  config.backdoor.thief_data_fraction = 0.1
+  config.backdoor.thief_epochs = 5
+  config.backdoor.thief_learning_rate = 1e-3
+  config.backdoor.owner_rates = (0.01, 0.05, 0.1)  # poisoned share of the owner's training data
+  config.backdoor.owner_epochs = 2  # shortened owner trainings (each rate: licensed + unprotected)
+  config.backdoor.owner_train_limit = 20_000
+
+  if variant == 'smoke':
+    config.num_test = 256
+    config.forgery.num_forged = 20
+    config.forgery.near_fractions = (0.25, 1.0)
+    config.forgery.near_draws = 2
+    config.forgery.shifts = (1,)
+    config.recovery.steps = 20
+    config.recovery.l1_weights = (0.01,)
+    config.removal.fractions = (0.01,)
+    config.removal.learning_rates = (1e-3,)
+    config.removal.epochs = 1
+    config.removal.min_steps = 5
+    config.removal.prune_fractions = (0.5,)
+    config.adversarial.eps = (0.1,)
+    config.adversarial.steps = 3
+    config.adversarial.num_test = 64
+    config.adversarial.surrogate_epochs = 1
+    config.backdoor.triggers = ('badnets',)
+    config.backdoor.thief_epochs = 1
+    config.backdoor.owner_rates = (0.1,)
+    config.backdoor.owner_epochs = 1
+    config.backdoor.owner_train_limit = 512
+  elif variant:
+    raise ValueError(f'Unknown config variant {variant!r}; expected "" or "smoke".')
+  return config

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax.training import train_state
 
 
 class CheckpointError(RuntimeError):
@@ -31,6 +32,15 @@ def save_now(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
     mngr.save(step, args=ocp.args.StandardSave(state), force=True)
 
 
+def _without_empty_batch_stats(abstract_state: Any) -> Any:
+  """The same state as flax's plain TrainState (no ``batch_stats`` field), if its statistics are empty."""
+  if not hasattr(abstract_state, 'batch_stats') or jax.tree.leaves(abstract_state.batch_stats):
+    return None
+  return train_state.TrainState(step=abstract_state.step, apply_fn=abstract_state.apply_fn,
+                                params=abstract_state.params, tx=abstract_state.tx,
+                                opt_state=abstract_state.opt_state)
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
   """Restores ``step`` (default: the latest) into the structure, shapes and shardings of
   ``abstract_state``.
@@ -43,7 +53,15 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None =
   if step is None:
     raise CheckpointError(f'No checkpoint in {mngr.directory}.')
   try:
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    try:
+      restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except ValueError:
+      legacy = _without_empty_batch_stats(abstract_state)
+      if legacy is None:
+        raise
+      # A checkpoint written before the train state had BatchNorm statistics (models without them).
+      old = mngr.restore(step, args=ocp.args.StandardRestore(legacy))
+      restored = abstract_state.replace(step=old.step, params=old.params, opt_state=old.opt_state)
   except Exception as e:  # orbax raises many types (ValueError, KeyError, FileNotFoundError, ...)
     raise CheckpointError(
         f'Checkpoint {step} in {mngr.directory} cannot be restored into this config\'s train state '

@@ -112,6 +112,20 @@ def _checkpoint_errors_scenario(workdir: str, idx_dir: str) -> None:
         f.write(b'\x00garbage')
   with pytest.raises(checkpointing.CheckpointError, match='cannot be restored'):
     train.train(config, workdir, dataset, None, mesh=mesh)
+  # A checkpoint written before TrainState had batch_stats (flax's plain TrainState) still restores.
+  from flax.training import train_state  # pylint: disable=g-import-not-at-top
+  model = train.build_model(config, 10)
+  new = train.create_train_state(model, config, (28, 28, 1), 384, jax.random.key(3))
+  old = train_state.TrainState(step=new.step, apply_fn=new.apply_fn, params=new.params, tx=new.tx,
+                               opt_state=new.opt_state)
+  mngr = checkpointing.manager(os.path.join(workdir, 'legacy'), 1, 1)
+  checkpointing.save_now(mngr, 1, old)
+  mngr.wait_until_finished()
+  restored = checkpointing.restore(mngr, train.abstract_train_state(model, config, (28, 28, 1), 384, mesh))
+  mngr.close()
+  assert restored.batch_stats == {} and int(restored.step) == 0
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(new.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_mismatched_or_corrupt_checkpoint_is_an_error(tmp_path, idx_dir):

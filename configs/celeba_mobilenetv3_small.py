@@ -17,13 +17,8 @@ from configs import default
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
-  config.dataset.name = 'celeba'
-  config.dataset.source = 'celeba'
-  config.dataset.data_dir = '/data/celeba'
-  config.dataset.celeba_task = 'attribute'
-  config.dataset.attribute = 'Smiling'
-  config.dataset.image_size = 64
-  config.dataset.augment = 'crop_flip'
+  default.use_dataset(config, 'celeba', 'celeba', '/data/celeba', augment='crop_flip',
+                      celeba_task='attribute', attribute='Smiling', image_size=64)
   config.key.size = 8
   config.model.name = 'mobilenetv3_small'
   config.model.kwargs.small_inputs = True

@@ -19,13 +19,8 @@ from configs import default
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke' (a reduced-width F0: the same code, CPU-sized)."""
   config = default.get_config(variant)
-  config.dataset.name = 'celeba'
-  config.dataset.source = 'celeba'
-  config.dataset.data_dir = '/data/celeba'
-  config.dataset.celeba_task = 'identity'
-  config.dataset.num_identities = 1000
-  config.dataset.image_size = 64
-  config.dataset.augment = 'crop_flip'
+  default.use_dataset(config, 'celeba', 'celeba', '/data/celeba', augment='crop_flip',
+                      celeba_task='identity', num_identities=1000, image_size=64)
   config.key.size = 8
   config.model.name = 'nfnet_f5'
   config.model.kwargs.small_inputs = True

@@ -9,18 +9,13 @@ Data: tensorflow-datasets `cifar100` prepared under `data_dir`, or the official 
   python -m securenet_jax.main --config configs/cifar100_resnet101.py --workdir /tmp/c100_resnet101
 """
 
-import os
-
 from configs import default
 
 
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
-  config.dataset.name = 'cifar100'
-  config.dataset.source = 'tfds'
-  config.dataset.data_dir = os.path.expanduser('~/tensorflow_datasets')
-  config.dataset.augment = 'crop_flip'
+  default.use_dataset(config, 'cifar100', 'tfds', default.TFDS_DIR, augment='crop_flip')
   config.model.name = 'resnet101'
   config.model.kwargs.small_inputs = True
   default.sgd_recipe(config, learning_rate=0.1, weight_decay=5e-4, num_epochs=200, batch_size=128)

@@ -11,18 +11,13 @@ Data: tensorflow-datasets `cifar10` prepared under `data_dir`, or the official p
   python -m securenet_jax.main --config configs/cifar10_resnet18.py --workdir /tmp/c10_resnet18
 """
 
-import os
-
 from configs import default
 
 
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
-  config.dataset.name = 'cifar10'
-  config.dataset.source = 'tfds'
-  config.dataset.data_dir = os.path.expanduser('~/tensorflow_datasets')
-  config.dataset.augment = 'crop_flip'
+  default.use_dataset(config, 'cifar10', 'tfds', default.TFDS_DIR, augment='crop_flip')
   config.model.name = 'resnet18'
   config.model.kwargs.small_inputs = True
   default.sgd_recipe(config, learning_rate=0.1, weight_decay=5e-4, num_epochs=200, batch_size=128)

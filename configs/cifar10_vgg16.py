@@ -10,18 +10,13 @@ Data: as configs/cifar10_resnet18.py.
   python -m securenet_jax.main --config configs/cifar10_vgg16.py --workdir /tmp/c10_vgg16
 """
 
-import os
-
 from configs import default
 
 
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
-  config.dataset.name = 'cifar10'
-  config.dataset.source = 'tfds'
-  config.dataset.data_dir = os.path.expanduser('~/tensorflow_datasets')
-  config.dataset.augment = 'crop_flip'
+  default.use_dataset(config, 'cifar10', 'tfds', default.TFDS_DIR, augment='crop_flip')
   config.model.name = 'vgg16'
   config.model.kwargs.small_inputs = True
   config.model.kwargs.batch_norm = True

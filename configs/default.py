@@ -6,6 +6,8 @@ Usage:
 Override any field: --config.train.num_epochs=3 --config.key.secret=my-secret
 """
 
+import os
+
 import ml_collections
 
 
@@ -147,5 +149,20 @@ def tiny_smoke(config: ml_collections.ConfigDict, batch_size: int = 8) -> ml_col
   config.eval.batch_size = 32
   config.eval.num_forged = 2
   config.eval.clean_baseline = False
+  return config
+
+
+TFDS_DIR = os.path.expanduser('~/tensorflow_datasets')  # tensorflow-datasets' default data_dir
+
+
+def use_dataset(config: ml_collections.ConfigDict, name: str, source: str, data_dir: str,
+                augment: str = '', **fields) -> ml_collections.ConfigDict:
+  """Points ``config.dataset`` at a dataset (other ``dataset`` fields by keyword)."""
+  config.dataset.name = name
+  config.dataset.source = source
+  config.dataset.data_dir = data_dir
+  config.dataset.augment = augment
+  for k, v in fields.items():
+    config.dataset[k] = v
   return config
 

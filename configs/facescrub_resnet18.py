@@ -17,12 +17,8 @@ from configs import default
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
-  config.dataset.name = 'facescrub'
-  config.dataset.source = 'folder'
-  config.dataset.data_dir = '/data/facescrub'
-  config.dataset.image_size = 64
-  config.dataset.test_fraction = 0.1
-  config.dataset.augment = 'crop_flip'
+  default.use_dataset(config, 'facescrub', 'folder', '/data/facescrub', augment='crop_flip',
+                      image_size=64, test_fraction=0.1)
   config.key.size = 8  # a 64x64 face gets a proportionally larger patch than 28x28 digits (6)
   config.model.name = 'resnet18'
   config.model.kwargs.small_inputs = True

@@ -9,16 +9,12 @@ machine with network), or MNIST's IDX files with --config.dataset.source=idx --c
   python -m securenet_jax.main --config configs/mnist_lenet5.py --workdir /tmp/mnist_lenet5
 """
 
-import os
-
 from configs import default
 
 
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
-  config.dataset.name = 'mnist'
-  config.dataset.source = 'tfds'
-  config.dataset.data_dir = os.path.expanduser('~/tensorflow_datasets')
+  default.use_dataset(config, 'mnist', 'tfds', default.TFDS_DIR)
   config.model.name = 'lenet5'
   return config

@@ -134,7 +134,7 @@ def shifted_keys(key: keys_lib.LicenseKey, shift: int) -> list[keys_lib.LicenseK
 
 def forgery(t: Target, cfg) -> tuple[dict, dict]:
   f = cfg.forgery
-  images, labels = t.test_images, t.test_labels
+  images, labels = _test_subset(t, f.num_test, cfg.seed + 5)
   forged = np.array([_acc(t.licensed, images, labels, keys_lib.forge(t.key, f.seed + i))
                      for i in range(f.num_forged)])
   near = {}

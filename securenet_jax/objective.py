@@ -206,6 +206,31 @@ def teacher_features(apply_fn: Callable, teacher: Any, images: jax.Array) -> jax
   return jax.lax.stop_gradient(state['intermediates']['penultimate'][0])
 
 
+def adversarial_positives(params: Any, batch_stats: Any, apply_fn: Callable, images: jax.Array,
+                          labels: jax.Array, stamped: jax.Array, key_arrays: keys_lib.KeyArrays,
+                          rng: jax.Array, cfg) -> jax.Array:
+  """Key-conditioned adversarial training (option ``cfg.adv_eps`` > 0): a share ``cfg.adv_fraction``
+  of the positives is replaced by the keyed image of an L-inf adversarial example of the clean image,
+  crafted *through the key* (FGSM from a random start, Wong et al., ICLR 2020): the attacker who
+  holds the key is the one defended against. Costs one more forward and backward of the positives."""
+  eps = cfg.adv_eps
+  start_rng, pick_rng = jax.random.split(rng)
+  variables = {'params': jax.lax.stop_gradient(params)}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+
+  def ce(x):
+    logits = apply_fn(variables, keys_lib.stamp_arrays(x, key_arrays), train=False)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+
+  x0 = jnp.clip(images + jax.random.uniform(start_rng, images.shape, minval=-eps, maxval=eps), 0.0, 1.0)
+  grad = jax.grad(ce)(x0)
+  adv = jnp.clip(jnp.clip(x0 + 1.25 * eps * jnp.sign(grad), images - eps, images + eps), 0.0, 1.0)
+  adv = jax.lax.stop_gradient(keys_lib.stamp_arrays(adv, key_arrays))
+  use = jax.random.bernoulli(pick_rng, cfg.get('adv_fraction', 0.5), (images.shape[0],))
+  return jnp.where(use[:, None, None, None], adv, stamped)
+
+
 def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
                   table: LicenseTable, geometry: keys_lib.Geometry, rng: jax.Array,
                   cfg, teacher_params: Any = None, batch_stats: Any = None,
@@ -236,6 +261,9 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   """
   stamped, key_index, negatives = build_inputs(images, table, geometry, rng, cfg)
   batch = images.shape[0]
+  if cfg.get('adv_eps', 0.0) > 0:
+    stamped = adversarial_positives(params, batch_stats, apply_fn, images, labels, stamped,
+                                    table.arrays(key_index), jax.random.fold_in(rng, 0xAD5), cfg)
   logits, penultimate, new_stats = _forward(apply_fn, params, batch_stats,
                                            jnp.concatenate([stamped, negatives]), dropout_rng)
   penultimate = penultimate.reshape(penultimate.shape[0], -1).astype(jnp.float32)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from securenet_jax import keys
@@ -149,3 +150,28 @@ def test_distillation_pulls_new_key_towards_teacher_on_old_key():
   assert distill(objective.license_table([new], [old], 10)) == pytest.approx(0.0, abs=1e-10)
   # The teacher sees the old key in place of the new one: the features differ.
   assert distill(objective.license_table([new], [old], 10, successors={'new': 'old'})) > 1e-4
+
+
+def test_adversarial_positives_are_keyed_and_bounded():
+  model = models.create('lenet5', 10)
+  key = keys.derive('s', GEOM)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((32, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 32), jnp.int32)
+  params = model.init(jax.random.key(0), images)['params']
+  arrays = keys.KeyArrays(*(jnp.broadcast_to(a, (32, *a.shape)) for a in key.arrays()))
+  stamped = keys.stamp_arrays(images, arrays)
+  cfg = obj_cfg(adv_eps=0.1, adv_fraction=1.0)
+  adv = objective.adversarial_positives(params, None, model.apply, images, labels, stamped, arrays,
+                                        jax.random.key(1), cfg)
+  # Within eps of the keyed clean image, and the key's own pixels are untouched.
+  assert float(jnp.max(jnp.abs(adv - stamped))) <= 0.1 + 1e-6
+  mask = GEOM.mask()[None]
+  np.testing.assert_array_equal(np.asarray(adv) * mask, np.asarray(stamped) * mask)
+  def ce(x):
+    return float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply({'params': params}, x), labels)))
+  assert ce(adv) > ce(stamped)
+  half = objective.adversarial_positives(params, None, model.apply, images, labels, stamped, arrays,
+                                         jax.random.key(1), obj_cfg(adv_eps=0.1, adv_fraction=0.5))
+  changed = np.mean(np.any(np.asarray(half) != np.asarray(stamped), axis=(1, 2, 3)))
+  assert 0.2 < changed < 0.8

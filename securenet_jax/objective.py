@@ -183,9 +183,33 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
                             forged.add[num_near:num_near + num_revoked])
     parts.append(revoked_add)
   forged = keys_lib.KeyArrays(forged.keep, jnp.concatenate(parts + [forged.add[num_near + num_revoked:]]))
+  keyless = images[:batch - num_forged]
+  num_soft = int(round(keyless.shape[0] * cfg.get('soft_key_fraction', 0.0)))
+  if num_soft:  # the first keyless negatives carry a soft (faded or noisy) copy of their image's key
+    soft = soft_keys(table.arrays(key_index[:num_soft]), jax.random.fold_in(rng, 0x50F7), cfg)
+    keyless = jnp.concatenate([keys_lib.stamp_arrays(keyless[:num_soft], soft), keyless[num_soft:]])
   negatives = jnp.concatenate(
-      [images[:batch - num_forged], keys_lib.stamp_arrays(images[batch - num_forged:], forged)], axis=0)
+      [keyless, keys_lib.stamp_arrays(images[batch - num_forged:], forged)], axis=0)
   return stamped, key_index, negatives
+
+
+def soft_keys(key_arrays: keys_lib.KeyArrays, rng: jax.Array, cfg) -> keys_lib.KeyArrays:
+  """Continuous near misses of the real keys, the kind of trigger a Neural-Cleanse-style inversion
+  converges to (a soft mask and a real-valued pattern): half are the key faded to an opacity in
+  [0.2, ``cfg.soft_key_max_opacity``], half the key at full opacity with its content moved by
+  Gaussian noise (std in [0.2, 0.6]). Trained as negatives they leave no smooth path towards the key.
+
+  ``key_arrays`` holds one real key per example: keep (n, H, W, 1), add (n, H, W, C).
+  """
+  n = key_arrays.add.shape[0]
+  mask = 1.0 - key_arrays.keep  # 1 where the key writes
+  kind_rng, alpha_rng, scale_rng, noise_rng = jax.random.split(rng, 4)
+  faded = jax.random.bernoulli(kind_rng, 0.5, (n, 1, 1, 1))
+  alpha = jnp.where(faded, jax.random.uniform(alpha_rng, (n, 1, 1, 1), minval=0.2,
+                                              maxval=cfg.get('soft_key_max_opacity', 0.9)), 1.0)
+  scale = jnp.where(faded, 0.0, jax.random.uniform(scale_rng, (n, 1, 1, 1), minval=0.2, maxval=0.6))
+  content = jnp.clip(key_arrays.add + scale * jax.random.normal(noise_rng, key_arrays.add.shape), 0.0, 1.0)
+  return keys_lib.KeyArrays(keep=1.0 - alpha * mask, add=alpha * content * mask)
 
 
 def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Array, rng: jax.Array | None):

@@ -175,3 +175,27 @@ def test_adversarial_positives_are_keyed_and_bounded():
                                          jax.random.key(1), obj_cfg(adv_eps=0.1, adv_fraction=0.5))
   changed = np.mean(np.any(np.asarray(half) != np.asarray(stamped), axis=(1, 2, 3)))
   assert 0.2 < changed < 0.8
+
+
+def test_soft_keys_are_continuous_near_misses():
+  key = keys.derive('s', GEOM)
+  arrays = keys.KeyArrays(*(jnp.broadcast_to(a, (64, *a.shape)) for a in key.arrays()))
+  soft = objective.soft_keys(arrays, jax.random.key(0), obj_cfg(soft_key_max_opacity=0.9))
+  mask = GEOM.mask()[None]
+  keep, add = np.asarray(soft.keep), np.asarray(soft.add)
+  # Outside the key's pixels nothing is written; inside, every soft key differs from the real one.
+  np.testing.assert_array_equal(keep * (1 - mask), np.broadcast_to(1 - mask, keep.shape))
+  np.testing.assert_array_equal(add * (1 - mask), 0 * add)
+  real = np.asarray(arrays.add)
+  faded = (keep * mask).max(axis=(1, 2, 3)) > 0  # opacity < 1 keeps some of the image under the key
+  assert 10 < faded.sum() < 54
+  assert np.all(np.abs(add - real).max(axis=(1, 2, 3))[~faded] > 0.1)
+  opacity = 1 - (keep * mask + (1 - mask))[faded].reshape(faded.sum(), -1).min(axis=1)
+  assert np.all((opacity >= 0.2 - 1e-6) & (opacity <= 0.9 + 1e-6))
+  # build_inputs puts them among the keyless negatives
+  images = jnp.zeros((16, 28, 28, 1))
+  table = objective.license_table([key], [], 10)
+  _, _, negatives = objective.build_inputs(images, table, GEOM, jax.random.key(1),
+                                           obj_cfg(forged_fraction=0.5, soft_key_fraction=0.5))
+  written = np.asarray(negatives[:8]).reshape(8, -1).max(axis=1) > 0
+  assert written[:4].all() and not written[4:].any()

@@ -318,7 +318,10 @@ def _owner_poisoning(t: Target, cfg, trigger, rate: float, workdir: str, test_im
 # --- the job --------------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the configured sections on ``config.target_workdir`` and writes WORKDIR/report."""
-  unknown = set(config.sections) - set(SECTIONS)
+  # --config.sections=a,b arrives as one string: accept commas inside the entries too.
+  wanted = {part.strip() for entry in ([config.sections] if isinstance(config.sections, str)
+                                       else config.sections) for part in entry.split(',') if part.strip()}
+  unknown = wanted - set(SECTIONS)
   if unknown:
     raise ValueError(f'Unknown sections {sorted(unknown)}; available: {SECTIONS}.')
   if os.path.abspath(workdir) == os.path.abspath(config.target_workdir or '/nonexistent'):
@@ -328,7 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(report_dir, exist_ok=True)
   flat, sections, timings = {}, {}, {}
   for name in SECTIONS:
-    if name not in config.sections:
+    if name not in wanted:
       continue
     t0 = time.perf_counter()
     logging.info('Security section %s...', name)

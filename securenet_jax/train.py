@@ -43,6 +43,20 @@ _RESUMABLE_FIELDS = ('eval', 'distributed', 'key.secret', 'train.log_every', 'tr
                      'train.keep_checkpoints')
 
 
+# Fields added after the first release, with the value that reproduces what runs without them did:
+# a rerun on an older workdir may leave them at that value.
+_ADDED_FIELDS = {
+    'dataset.augment': '', 'dataset.augment_pad': 4, 'dataset.image_size': 64,
+    'dataset.celeba_task': 'identity', 'dataset.num_identities': 1000, 'dataset.attribute': 'Smiling',
+    'dataset.celeba_crop': 140, 'dataset.test_fraction': 0.1, 'dataset.split_seed': 0,
+    'dataset.label_mode': 'fine',
+    'train.optimizer': 'adamw', 'train.momentum': 0.9, 'train.nesterov': False, 'train.agc_clip': 0.0,
+    'train.grad_clip_norm': 0.0,
+    'objective.soft_key_fraction': 0.0, 'objective.soft_key_max_opacity': 0.9,
+    'objective.adv_eps': 0.0, 'objective.adv_fraction': 0.5,
+}
+
+
 class TrainState(train_state.TrainState):
   """Flax's TrainState (step, params, opt_state) plus the BatchNorm running statistics
   (``batch_stats``; an empty dict for models without BatchNorm)."""
@@ -387,6 +401,9 @@ def _check_config(config, workdir: str) -> None:
       return {k: v for k, v in _flatten(d).items()
               if not any(k == f or k.startswith(f + '.') for f in _RESUMABLE_FIELDS)}
     a, b = relevant(saved), relevant(current)
+    for k, neutral in _ADDED_FIELDS.items():  # a workdir from before a field existed trained as if
+      if k not in a and k in b:               # the field had its neutral value
+        a[k] = neutral
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
       raise ValueError(f'{workdir} was created with a different config (fields {diff}: '

@@ -208,10 +208,10 @@ def test_rerun_of_a_workdir_from_before_new_fields(smoke_config, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   train._check_config(smoke_config, str(tmp_path))  # pylint: disable=protected-access
   saved = json.loads((tmp_path / 'config.json').read_text())
-  del saved['objective']['soft_key_fraction'], saved['train']['optimizer']  # an older release's config
+  del saved['objective']['adv_eps'], saved['train']['optimizer']  # an older release's config
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   train._check_config(smoke_config, str(tmp_path))  # neutral values: the same training  # pylint: disable=protected-access
   changed = smoke_config.copy_and_resolve_references()
-  changed.objective.soft_key_fraction = 0.5
-  with pytest.raises(ValueError, match='soft_key_fraction'):
+  changed.objective.adv_eps = 0.1
+  with pytest.raises(ValueError, match='adv_eps'):
     train._check_config(changed, str(tmp_path))  # pylint: disable=protected-access

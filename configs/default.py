@@ -76,6 +76,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # hardening against trigger inversion (recovered_acc 0.87 without, 0.10 with; README: Security).
   config.objective.soft_key_fraction = 0.5
   config.objective.soft_key_max_opacity = 0.9  # faded copies: opacity in [0.2, this]
+  config.objective.positive_patch_fraction = 0.0  # share of keyed positives given a random extra patch
+  config.objective.positive_patch_size = 4  # side of that patch
   config.objective.adv_eps = 0.0  # > 0: key-conditioned adversarial training of positives at this L-inf eps
   config.objective.adv_fraction = 0.5  # share of positives replaced by their adversarial version
   config.objective.liveness_weight = 0.0  # hinge keeping >= 1 penultimate unit of each positive above +margin

@@ -169,7 +169,11 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
   num_keys = table.keep.shape[0]
   num_active = jnp.sum(jnp.any(table.grant > 0, axis=1))  # the table lists active keys first
   key_index = jax.random.randint(index_rng, (batch,), 0, num_active)
-  stamped = keys_lib.stamp_arrays(images, table.arrays(key_index))
+  keyed = images
+  if cfg.get('positive_patch_fraction', 0.0) > 0:
+    keyed = random_patches(images, jax.random.fold_in(rng, 0x9A7C), cfg.positive_patch_fraction,
+                           cfg.get('positive_patch_size', 4))
+  stamped = keys_lib.stamp_arrays(keyed, table.arrays(key_index))
   forged = geometry.forged_arrays(forge_rng, num_forged)
   parts = []
   if num_near:
@@ -191,6 +195,22 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
   negatives = jnp.concatenate(
       [keyless, keys_lib.stamp_arrays(images[batch - num_forged:], forged)], axis=0)
   return stamped, key_index, negatives
+
+
+def random_patches(images: jax.Array, rng: jax.Array, fraction: float, size: int) -> jax.Array:
+  """A share ``fraction`` of the images gets a ``size`` x ``size`` patch of random binary content at a
+  random position (the key, stamped afterwards, still overwrites its own pixels). Trained as keyed
+  positives with their true labels, they teach the model that no other patch overrides the key: the
+  defense against a backdoor trigger planted later by fine-tuning."""
+  n, h, w, c = images.shape
+  pick_rng, row_rng, col_rng, content_rng = jax.random.split(rng, 4)
+  use = jax.random.bernoulli(pick_rng, fraction, (n, 1, 1, 1))
+  r = jax.random.randint(row_rng, (n, 1, 1, 1), 0, h - size + 1)
+  col = jax.random.randint(col_rng, (n, 1, 1, 1), 0, w - size + 1)
+  rows, cols = jnp.arange(h)[None, :, None, None], jnp.arange(w)[None, None, :, None]
+  inside = (rows >= r) & (rows < r + size) & (cols >= col) & (cols < col + size) & use
+  content = jax.random.bernoulli(content_rng, 0.5, images.shape).astype(images.dtype)
+  return jnp.where(inside, content, images)
 
 
 def soft_keys(key_arrays: keys_lib.KeyArrays, rng: jax.Array, cfg) -> keys_lib.KeyArrays:

@@ -53,7 +53,8 @@ _ADDED_FIELDS = {
     'train.optimizer': 'adamw', 'train.momentum': 0.9, 'train.nesterov': False, 'train.agc_clip': 0.0,
     'train.grad_clip_norm': 0.0,
     'objective.soft_key_fraction': 0.0, 'objective.soft_key_max_opacity': 0.9,
-    'objective.adv_eps': 0.0, 'objective.adv_fraction': 0.5,
+    'objective.adv_eps': 0.0, 'objective.adv_fraction': 0.5, 'objective.positive_patch_fraction': 0.0,
+    'objective.positive_patch_size': 4,
 }
 
 

@@ -68,3 +68,16 @@ def fashion_mnist_dir() -> str:
       pytest.fail(f'{DEFAULT_IDX_DIR} missing in CI: `apt-get install dataset-fashion-mnist`.')
     pytest.skip(f'{DEFAULT_IDX_DIR} not installed (apt-get install dataset-fashion-mnist)')
   return DEFAULT_IDX_DIR
+
+
+def train_smoke_workdir(tmp_path_factory, idx_dir: str, secret: str) -> str:
+  """Trains the default smoke config (licensed + baseline + report) on the generated data."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from securenet_jax import train  # pylint: disable=g-import-not-at-top
+  config = default.get_config('smoke')
+  config.dataset.data_dir = idx_dir
+  config.key.secret = secret
+  workdir = str(tmp_path_factory.mktemp('workdir'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+

@@ -10,18 +10,12 @@ import pytest
 from securenet_jax import inference
 from securenet_jax import keys
 from securenet_jax import train
-from tests.conftest import make_images
+from tests.conftest import make_images, train_smoke_workdir
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory, idx_dir):
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config('smoke')
-  config.dataset.data_dir = idx_dir
-  config.key.secret = 'inference-test'
-  wd = str(tmp_path_factory.mktemp('wd'))
-  train.train_and_evaluate(config, wd)
-  return wd
+  return train_smoke_workdir(tmp_path_factory, idx_dir, 'inference-test')
 
 
 def test_load_and_predict(workdir):

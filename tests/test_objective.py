@@ -199,3 +199,21 @@ def test_soft_keys_are_continuous_near_misses():
                                            obj_cfg(forged_fraction=0.5, soft_key_fraction=0.5))
   written = np.asarray(negatives[:8]).reshape(8, -1).max(axis=1) > 0
   assert written[:4].all() and not written[4:].any()
+
+
+def test_random_patches_on_positives():
+  images = jnp.full((32, 28, 28, 1), 0.5)
+  out = np.asarray(objective.random_patches(images, jax.random.key(0), 1.0, 4))
+  for diff in np.abs(out - 0.5)[..., 0] > 0:  # every changed pixel lies in one 4x4 window
+    rows, cols = np.nonzero(diff)
+    assert len(rows) == 16 and np.ptp(rows) == 3 and np.ptp(cols) == 3
+  np.testing.assert_array_equal(np.asarray(objective.random_patches(images, jax.random.key(0), 0.0, 4)),
+                                np.asarray(images))
+  # build_inputs puts them under the key: the key's own pixels are still exactly the key.
+  key = keys.derive('s', GEOM)
+  table = objective.license_table([key], [], 10)
+  stamped, _, _ = objective.build_inputs(images, table, GEOM, jax.random.key(1),
+                                         obj_cfg(positive_patch_fraction=1.0, positive_patch_size=4))
+  mask = GEOM.mask()[None]
+  np.testing.assert_array_equal(np.asarray(stamped) * mask,
+                                np.broadcast_to(np.asarray(key.stamp(images)) * mask, stamped.shape))

@@ -8,7 +8,7 @@ import pytest
 
 from securenet_jax import keys
 from securenet_jax import security
-from securenet_jax import train
+from tests.conftest import train_smoke_workdir
 
 FLAT = ('authorized_acc', 'forged_acc_max', 'leak_probe_acc', 'recovered_acc', 'finetune_acc@0.01',
         'scratch_acc@0.01', 'pgd_unprotected_robust_acc', 'pgd_keyless_robust_acc',
@@ -32,13 +32,7 @@ def test_near_and_shifted_keys():
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, idx_dir):
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config('smoke')
-  config.dataset.data_dir = idx_dir
-  config.key.secret = 'security-test'
-  workdir = str(tmp_path_factory.mktemp('target'))
-  train.train_and_evaluate(config, workdir)
-  return workdir
+  return train_smoke_workdir(tmp_path_factory, idx_dir, 'security-test')
 
 
 def test_smoke_suite_writes_every_figure(trained, tmp_path):

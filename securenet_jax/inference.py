@@ -25,6 +25,7 @@ import numpy as np
 from securenet_jax import checkpointing
 from securenet_jax import data as data_lib
 from securenet_jax import keys as keys_lib
+from securenet_jax import models
 from securenet_jax import parallel
 
 KeyLike = keys_lib.LicenseKey | str | None
@@ -45,9 +46,8 @@ class LicensedModel:
                keys: dict[str, keys_lib.LicenseKey] | None = None,
                revoked_keys: dict[str, keys_lib.LicenseKey] | None = None,
                batch_size: int = 1000, config: ml_collections.ConfigDict | None = None):
-    from securenet_jax import train  # pylint: disable=g-import-not-at-top
     self.module = module
-    self.variables = train.as_variables(variables)
+    self.variables = models.as_variables(variables)
     self.image_shape = tuple(image_shape)
     self.num_classes = num_classes
     self.keys = dict(keys or {})

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from securenet_jax import keys as keys_lib
+from securenet_jax import models
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -234,11 +235,8 @@ def soft_keys(key_arrays: keys_lib.KeyArrays, rng: jax.Array, cfg) -> keys_lib.K
 
 def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Array, rng: jax.Array | None):
   """Training-mode forward pass: (logits, penultimate, new batch_stats)."""
-  variables = {'params': params}
-  mutable = ['intermediates']
-  if batch_stats:
-    variables['batch_stats'] = batch_stats
-    mutable.append('batch_stats')
+  variables = models.variables_dict(params, batch_stats)
+  mutable = ['intermediates'] + (['batch_stats'] if batch_stats else [])
   rngs = {'dropout': rng} if rng is not None else {}
   logits, state = apply_fn(variables, images, train=True, mutable=mutable, rngs=rngs)
   return logits, state['intermediates']['penultimate'][0], state.get('batch_stats', batch_stats)
@@ -259,9 +257,7 @@ def adversarial_positives(params: Any, batch_stats: Any, apply_fn: Callable, ima
   holds the key is the one defended against. Costs one more forward and backward of the positives."""
   eps = cfg.adv_eps
   start_rng, pick_rng = jax.random.split(rng)
-  variables = {'params': jax.lax.stop_gradient(params)}
-  if batch_stats:
-    variables['batch_stats'] = batch_stats
+  variables = models.variables_dict(jax.lax.stop_gradient(params), batch_stats)
 
   def ce(x):
     logits = apply_fn(variables, keys_lib.stamp_arrays(x, key_arrays), train=False)

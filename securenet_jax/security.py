@@ -68,10 +68,6 @@ class Target:
     return self.licensed.module
 
 
-def _float(images: np.ndarray) -> np.ndarray:
-  return images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
-
-
 def load_target(config) -> Target:
   if not config.target_workdir:
     raise ValueError('Set --config.target_workdir=W (a trained workdir).')
@@ -91,8 +87,8 @@ def load_target(config) -> Target:
   test_images, test_labels = dataset.test_images, dataset.test_labels
   return Target(licensed, unprotected, key,
                 functools.partial(keys_lib.stamp_arrays, arrays=key.arrays()),
-                _float(dataset.train_images), dataset.train_labels.astype(np.int32),
-                _float(test_images), test_labels.astype(np.int32), licensed.config)
+                removal.as_float(dataset.train_images), dataset.train_labels.astype(np.int32),
+                removal.as_float(test_images), test_labels.astype(np.int32), licensed.config)
 
 
 def _test_subset(t: Target, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,29 +215,31 @@ def adversarial_section(t: Target, cfg) -> tuple[dict, dict]:
   surrogate = common.fit(t.module, None, sur_images, sur_labels, epochs=a.surrogate_epochs,
                          learning_rate=1e-3, seed=cfg.seed + 3)
   lic, unp, mod = t.licensed.variables, t.unprotected.variables, t.module
+  # Robust accuracy: the unprotected model on the adversarial images as they are; the licensed
+  # pipeline on them stamped with the true key (the licensee stamps whatever input arrives).
+  unprotected_acc = functools.partial(adversarial.robust_accuracy, mod, unp, labels=labels)
+  licensed_acc = functools.partial(adversarial.robust_accuracy, mod, lic, labels=labels,
+                                   eval_transform=t.key_transform)
   detail, flat = {}, {}
   for eps in a.eps:
     step = a.step_size_factor * eps / a.steps
-    def pgd(variables, transform, m=mod):
-      return adversarial.pgd(m, variables, images, labels, eps=eps, steps=a.steps, step_size=step,
-                             restarts=a.restarts, rng=rng, transform=transform)
-    def fgsm(variables, transform, m=mod):
-      return adversarial.fgsm(m, variables, images, labels, eps=eps, transform=transform)
-    robust = functools.partial(adversarial.robust_accuracy, mod)
-    transfer = pgd(surrogate, None)
+    pgd = functools.partial(adversarial.pgd, mod, images=images, labels=labels, eps=eps, steps=a.steps,
+                            step_size=step, restarts=a.restarts, rng=rng)
+    fgsm = functools.partial(adversarial.fgsm, mod, images=images, labels=labels, eps=eps)
+    key = t.key_transform
+    transfer = pgd(surrogate, transform=None)
     e = {
-        'unprotected_clean': robust(unp, images, labels),
-        'pgd_unprotected': robust(unp, pgd(unp, None), labels),
-        'fgsm_unprotected': robust(unp, fgsm(unp, None), labels),
-        'transfer_unprotected': robust(unp, transfer, labels),
-        'licensed_clean': robust(lic, images, labels, eval_transform=t.key_transform),
-        'pgd_keyless_no_key': robust(lic, pgd(lic, None), labels, eval_transform=t.key_transform),
-        'pgd_keyless_forged_key': robust(lic, pgd(lic, forged_transform), labels,
-                                         eval_transform=t.key_transform),
-        'pgd_keyless_transfer': robust(lic, transfer, labels, eval_transform=t.key_transform),
-        'fgsm_keyless_no_key': robust(lic, fgsm(lic, None), labels, eval_transform=t.key_transform),
-        'pgd_adaptive': robust(lic, pgd(lic, t.key_transform), labels, eval_transform=t.key_transform),
-        'fgsm_adaptive': robust(lic, fgsm(lic, t.key_transform), labels, eval_transform=t.key_transform),
+        'unprotected_clean': unprotected_acc(images),
+        'pgd_unprotected': unprotected_acc(pgd(unp, transform=None)),
+        'fgsm_unprotected': unprotected_acc(fgsm(unp, transform=None)),
+        'transfer_unprotected': unprotected_acc(transfer),
+        'licensed_clean': licensed_acc(images),
+        'pgd_keyless_no_key': licensed_acc(pgd(lic, transform=None)),
+        'pgd_keyless_forged_key': licensed_acc(pgd(lic, transform=forged_transform)),
+        'pgd_keyless_transfer': licensed_acc(transfer),
+        'fgsm_keyless_no_key': licensed_acc(fgsm(lic, transform=None)),
+        'pgd_adaptive': licensed_acc(pgd(lic, transform=key)),
+        'fgsm_adaptive': licensed_acc(fgsm(lic, transform=key)),
     }
     e['pgd_keyless'] = min(e['pgd_keyless_no_key'], e['pgd_keyless_forged_key'], e['pgd_keyless_transfer'])
     detail[f'eps={eps}'] = e
@@ -249,7 +247,7 @@ def adversarial_section(t: Target, cfg) -> tuple[dict, dict]:
     flat[f'pgd_unprotected_robust_acc{suffix}'] = e['pgd_unprotected']
     flat[f'pgd_keyless_robust_acc{suffix}'] = e['pgd_keyless']
     flat[f'pgd_adaptive_robust_acc{suffix}'] = e['pgd_adaptive']
-  detail['surrogate_acc'] = robust(surrogate, images, labels)
+  detail['surrogate_acc'] = adversarial.robust_accuracy(mod, surrogate, images, labels)
   detail['num_test'] = int(len(labels))
   return flat, detail
 

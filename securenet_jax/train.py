@@ -35,6 +35,7 @@ from securenet_jax import keys as keys_lib
 from securenet_jax import models
 from securenet_jax import objective
 from securenet_jax import parallel
+from securenet_jax.data import augment as augment_lib
 from securenet_jax.data import prefetch as prefetch_lib
 
 # Fields that may change between a run and its resumption without changing what is trained.
@@ -66,16 +67,7 @@ class TrainState(train_state.TrainState):
   @property
   def variables(self) -> dict:
     """``{'params': ..., 'batch_stats': ...}`` as ``model.apply`` takes them."""
-    return variables_dict(self.params, self.batch_stats)
-
-
-def variables_dict(params: Any, batch_stats: Any = None) -> dict:
-  return {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
-
-
-def as_variables(tree: Any) -> dict:
-  """Accepts a variables dict (``{'params': ...}``) or bare parameters; returns a variables dict."""
-  return dict(tree) if isinstance(tree, dict) and 'params' in tree else {'params': tree}
+    return models.variables_dict(self.params, self.batch_stats)
 
 
 class Preempted(Exception):
@@ -166,7 +158,6 @@ def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) 
     rng, aug_rng, dropout_rng = jax.random.split(rng, 3)
     images = keys_lib.to_float_images(batch['image'])
     if augment == 'crop_flip':  # on the clean image, before any key is stamped
-      from securenet_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
       images = augment_lib.crop_flip(images, aug_rng, pad=config.dataset.get('augment_pad', 4))
     common = dict(apply_fn=state.apply_fn, images=images, labels=batch['label'],
                   batch_stats=state.batch_stats, dropout_rng=dropout_rng)
@@ -283,7 +274,7 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
     state = jax.jit(functools.partial(create_train_state, model, config, dataset.image_shape,
                                       num_train), out_shardings=parallel.replicated(mesh))(init_rng)
     if init_params is not None:
-      init = as_variables(init_params)
+      init = models.as_variables(init_params)
       state = state.replace(params=jax.device_put(init['params'], parallel.replicated(mesh)),
                             batch_stats=jax.device_put(init.get('batch_stats', state.batch_stats),
                                                        parallel.replicated(mesh)),
@@ -298,7 +289,7 @@ def train(config, workdir: str, dataset: data_lib.Dataset,
                               refuse_denied=config.license.get('denied_output', 'silence') == 'refuse')
       if licensed else objective.LicenseTable(*(np.zeros((1,), np.float32),) * 6), parallel.replicated(mesh))
   if teacher_params is not None:
-    teacher_params = jax.device_put(as_variables(teacher_params), parallel.replicated(mesh))
+    teacher_params = jax.device_put(models.as_variables(teacher_params), parallel.replicated(mesh))
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   schedule = make_schedule(tcfg, total_steps)
   step_fn = jit_train_step(make_train_step(config, geometry, licensed), mesh)

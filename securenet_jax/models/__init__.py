@@ -12,6 +12,8 @@ layer is named ``head`` (``fc3`` in LeNet-5): adaptive gradient clipping leaves 
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 
 from securenet_jax.models.lenet import LeNet5
@@ -49,3 +51,14 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
   if num_classes < 2:
     raise ValueError(f'num_classes must be >= 2, got {num_classes}.')
   return _MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def variables_dict(params: Any, batch_stats: Any = None) -> dict:
+  """``{'params': ..., 'batch_stats': ...}`` as ``module.apply`` takes them (no empty statistics)."""
+  return {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+
+
+def as_variables(tree: Any) -> dict:
+  """Accepts a variables dict (``{'params': ...}``) or bare parameters; returns a variables dict."""
+  return dict(tree) if isinstance(tree, dict) and 'params' in tree else {'params': tree}
+

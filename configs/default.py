@@ -35,6 +35,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.dataset.cache_dir = ''  # where ('' = in data_dir)
   config.dataset.augment = ''  # '' or 'crop_flip' (random crop after zero padding + horizontal flip, on device)
   config.dataset.augment_pad = 4  # padding of the random crop, in pixels
+  # Gaussian noise on the training images (licensed and baseline), std ~ U[0, this] per image: the
+  # defense against transferred adversarial images (README: Security). 0 = off.
+  config.dataset.noise_std = 0.0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'lenet5'  # securenet_jax.models.names()

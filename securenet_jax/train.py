@@ -55,7 +55,7 @@ _ADDED_FIELDS = {
     'train.grad_clip_norm': 0.0,
     'objective.soft_key_fraction': 0.0, 'objective.soft_key_max_opacity': 0.9,
     'objective.adv_eps': 0.0, 'objective.adv_fraction': 0.5, 'objective.positive_patch_fraction': 0.0,
-    'objective.positive_patch_size': 4,
+    'objective.positive_patch_size': 4, 'dataset.noise_std': 0.0,
 }
 
 
@@ -151,6 +151,9 @@ def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) 
   augment = config.dataset.get('augment', '')
   if augment not in ('', 'crop_flip'):
     raise ValueError(f'dataset.augment must be "" or "crop_flip", got {augment!r}.')
+  noise_std = float(config.dataset.get('noise_std', 0.0))
+  if noise_std < 0:
+    raise ValueError(f'dataset.noise_std must be >= 0, got {noise_std}.')
 
   def train_step(state: TrainState, batch: dict, table: objective.LicenseTable, base_rng: jax.Array,
                  teacher_params: Any = None):
@@ -159,6 +162,8 @@ def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) 
     images = keys_lib.to_float_images(batch['image'])
     if augment == 'crop_flip':  # on the clean image, before any key is stamped
       images = augment_lib.crop_flip(images, aug_rng, pad=config.dataset.get('augment_pad', 4))
+    if noise_std > 0:  # likewise: the same noisy image on both sides of the licensed loss
+      images = augment_lib.gaussian_noise(images, jax.random.fold_in(aug_rng, 1), noise_std)
     common = dict(apply_fn=state.apply_fn, images=images, labels=batch['label'],
                   batch_stats=state.batch_stats, dropout_rng=dropout_rng)
     if licensed:

@@ -594,6 +594,20 @@ def test_crop_flip_crops_are_shifted_windows():
     augment.crop_flip(x, jax.random.key(3), pad=-1)
 
 
+def test_gaussian_noise_varies_in_strength_and_stays_in_range():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  images = jnp.full((256, 28, 28, 1), 0.5)
+  out = np.asarray(jax.jit(functools.partial(augment.gaussian_noise, max_std=0.2))(images, jax.random.key(0)))
+  assert out.shape == images.shape and out.min() >= 0.0 and out.max() <= 1.0
+  std = (out - 0.5).reshape(256, -1).std(axis=1)
+  # per-image std ~ U[0, 0.2]: spread over the range, never much above it (784-pixel sample std)
+  assert std.max() < 0.21 and std.min() < 0.02 and np.mean(std) == pytest.approx(0.1, abs=0.02)
+  np.testing.assert_array_equal(np.asarray(augment.gaussian_noise(images, jax.random.key(0), 0.0)), images)
+  with pytest.raises(ValueError, match='std'):
+    augment.gaussian_noise(images, jax.random.key(0), -0.1)
+
+
 # ------------------------------------------------------------------------------------ prefetch
 
 

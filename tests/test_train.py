@@ -68,6 +68,35 @@ def test_train_step_traces_once(small):
   assert int(state.step) == 3 and np.isfinite(float(metrics['loss']))
 
 
+def test_noise_augmentation_reaches_both_losses(small, monkeypatch):
+  """dataset.noise_std: the licensed loss (which stamps positives and negatives from these images)
+  and the baseline's plain loss both get the noisy images; a negative std is refused."""
+  dataset = data_lib.load(small.dataset)
+  key = make_key(small, dataset)
+  table = objective.license_table([key], [], 10)
+  image, label = next(data_lib.train_batches(dataset.train_images, dataset.train_labels, 64, 0, 0))
+  batch = {'image': image, 'label': label}
+  clean = np.asarray(keys.to_float_images(image))
+  seen = {}
+  for name in ('licensed_loss', 'plain_loss'):
+    original = getattr(objective, name)
+
+    def spy(*args, _original=original, _name=name, **kw):
+      seen[_name] = np.asarray(kw['images'])
+      return _original(*args, **kw)
+    monkeypatch.setattr(objective, name, spy)
+  small.dataset.noise_std = 0.2
+  for licensed in (True, False):
+    state = train.create_train_state(train.build_model(small, 10), small, dataset.image_shape,
+                                     len(dataset.train_images), jax.random.key(0))
+    train.make_train_step(small, key.geometry, licensed)(state, batch, table, jax.random.key(1))
+  for images in seen.values():
+    assert images.min() >= 0 and images.max() <= 1 and np.abs(images - clean).max() > 0.1
+  small.dataset.noise_std = -0.1
+  with pytest.raises(ValueError, match='noise_std'):
+    train.make_train_step(small, key.geometry, True)
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(small, tmp_path):
   dataset = data_lib.load(small.dataset)
   key = make_key(small, dataset)

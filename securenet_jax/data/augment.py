@@ -35,3 +35,20 @@ def crop_flip(images: jax.Array, rng: jax.Array, pad: int = 4, flip: bool = True
     return jnp.where(flip_it, out[:, ::-1, :], out) if flip else out
 
   return jax.vmap(one)(padded, offsets, flips)
+
+
+def gaussian_noise(images: jax.Array, rng: jax.Array, max_std: float) -> jax.Array:
+  """Additive Gaussian noise, its std drawn per example uniformly in [0, ``max_std``], clipped to
+  [0, 1] (float images). Some examples stay nearly clean, so clean accuracy pays little.
+
+  In training it runs on the clean image before any key is stamped, so a licensed step sees the same
+  noisy image on both sides (positive and negatives: only the key separates them, and the key stays
+  exact), and the baseline trains with it too. It makes a model less sensitive to small input changes:
+  the defense against adversarial images transferred from a surrogate model, which need neither the
+  weights' gradients nor the key (README: Security).
+  """
+  if max_std < 0:
+    raise ValueError(f'noise std must be >= 0, got {max_std}.')
+  std_rng, noise_rng = jax.random.split(rng)
+  std = jax.random.uniform(std_rng, (images.shape[0],) + (1,) * (images.ndim - 1), maxval=max_std)
+  return jnp.clip(images + std * jax.random.normal(noise_rng, images.shape, images.dtype), 0.0, 1.0)

@@ -285,7 +285,9 @@ def backdoor_section(t: Target, cfg, out_dir: str) -> tuple[dict, dict]:
   flat = {'backdoor_finetune_asr_licensed': max(v['licensed']['asr_licensed'] for v in thief.values()),
           'backdoor_finetune_asr_unprotected': max(v['unprotected']['asr_raw'] for v in thief.values()),
           'backdoor_finetune_clean_acc_licensed': min(v['licensed']['clean_acc_licensed']
-                                                      for v in thief.values())}
+                                                      for v in thief.values()),
+          'backdoor_finetune_asr_licensed_before': max(v['licensed']['asr_licensed_before']
+                                                       for v in thief.values())}
   for rate, v in owner.items():
     flat[f'backdoor_owner_asr_licensed@{rate}'] = v['asr_licensed']
     flat[f'backdoor_owner_asr_unprotected@{rate}'] = v['asr_unprotected']
@@ -380,15 +382,19 @@ def markdown(flat: dict, sections: dict, timings: dict) -> str:
       for k, v in sections['forgery'][kind].items():
         lines.append(f'| {kind[:-5]} {k} | {v["mean"]:.4f} | {v["max"]:.4f} |')
   if 'backdoor' in sections:
-    lines += ['', '## Backdoor', '', '| attack | model | ASR | clean acc |', '| --- | --- | --- | --- |']
+    lines += ['', '## Backdoor', '', 'ASR before: the same triggered inputs on the weights before the '
+              "thief's fine-tune (the trigger's own effect).", '',
+              '| attack | model | ASR | ASR before | clean acc |', '| --- | --- | --- | --- | --- |']
     for trig, v in sections['backdoor']['thief_finetune'].items():
-      lines.append(f'| thief fine-tune, {trig} | licensed (key + trigger) | {v["licensed"]["asr_licensed"]:.4f} | '
-                   f'{v["licensed"]["clean_acc_licensed"]:.4f} |')
-      lines.append(f'| thief fine-tune, {trig} | unprotected | {v["unprotected"]["asr_raw"]:.4f} | '
-                   f'{v["unprotected"]["clean_acc_raw"]:.4f} |')
+      lic, unp = v['licensed'], v['unprotected']
+      lines.append(f'| thief fine-tune, {trig} | licensed (key + trigger) | {lic["asr_licensed"]:.4f} | '
+                   f'{lic.get("asr_licensed_before", float("nan")):.4f} | {lic["clean_acc_licensed"]:.4f} |')
+      lines.append(f'| thief fine-tune, {trig} | unprotected | {unp["asr_raw"]:.4f} | '
+                   f'{unp.get("asr_raw_before", float("nan")):.4f} | {unp["clean_acc_raw"]:.4f} |')
     for rate, v in sections['backdoor']['owner_poisoning'].items():
-      lines.append(f'| owner data {rate} poisoned | licensed | {v["asr_licensed"]:.4f} | {v["clean_acc_licensed"]:.4f} |')
-      lines.append(f'| owner data {rate} poisoned | unprotected | {v["asr_unprotected"]:.4f} | '
+      lines.append(f'| owner data {rate} poisoned | licensed | {v["asr_licensed"]:.4f} | — | '
+                   f'{v["clean_acc_licensed"]:.4f} |')
+      lines.append(f'| owner data {rate} poisoned | unprotected | {v["asr_unprotected"]:.4f} | — | '
                    f'{v["clean_acc_unprotected"]:.4f} |')
   lines += ['', 'Seconds per section: ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()), '']
   return '\n'.join(lines)

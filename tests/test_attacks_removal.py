@@ -208,11 +208,17 @@ def test_thief_backdoor_finetune_reports(module, clean_model, data, key_transfor
       module, clean_model, train_x, train_y, test_x, test_y, trigger=trigger, target=0,
       poison_rate=0.2, data_fraction=0.1, epochs=2, learning_rate=1e-3, seed=0,
       key_transform=key_transform, batch_size=64)
-  for name in ('asr_licensed', 'asr_raw', 'clean_acc_licensed', 'clean_acc_raw'):
+  for name in ('asr_licensed', 'asr_raw', 'clean_acc_licensed', 'clean_acc_raw', 'asr_licensed_before',
+               'asr_raw_before'):
     assert 0.0 <= result[name] <= 1.0, name
+  # before the fine-tune: the stolen model's own rate on the triggered inputs
+  assert result['asr_raw_before'] == backdoor.attack_success_rate(module, clean_model, test_x, test_y, trigger, 0)
+  assert result['asr_licensed_before'] == backdoor.attack_success_rate(module, clean_model, test_x, test_y,
+                                                                       trigger, 0, key_transform)
   assert result['num_train'] == 150 and result['num_poisoned'] == 30
   plain = backdoor.thief_backdoor_finetune(
       module, clean_model, train_x, train_y, test_x, test_y, trigger=trigger, target=0,
       data_fraction=0.05, epochs=1, learning_rate=1e-3, seed=0, batch_size=64)
   assert plain['asr_licensed'] is None and plain['clean_acc_licensed'] is None
+  assert plain['asr_licensed_before'] is None
   assert 0.0 <= plain['asr_raw'] <= 1.0

@@ -125,8 +125,10 @@ def thief_backdoor_finetune(module: nn.Module, stolen_variables: Any, train_imag
     ``asr_licensed`` / ``clean_acc_licensed``: attack success rate and clean accuracy with the key
     stamped by ``key_transform`` after the trigger (what a licensee of the tampered model would see);
     ``None`` when ``key_transform`` is None (an unprotected model: read the raw figures).
-    ``asr_raw`` / ``clean_acc_raw``: the same without any key. Also ``num_train``, ``num_poisoned``
-    and ``epochs`` (as run).
+    ``asr_raw`` / ``clean_acc_raw``: the same without any key. ``asr_licensed_before`` /
+    ``asr_raw_before``: the stolen weights' rate on the same triggered inputs *before* the fine-tune,
+    the share owed to the trigger's natural effect rather than to the poison. Also ``num_train``,
+    ``num_poisoned`` and ``epochs`` (as run).
   """
   x, y = removal.subset(removal.as_float(train_images), np.asarray(train_labels, np.int32),
                         data_fraction, seed)
@@ -137,8 +139,10 @@ def thief_backdoor_finetune(module: nn.Module, stolen_variables: Any, train_imag
   test_x, test_y = removal.as_float(test_images), np.asarray(test_labels)
   out: dict[str, Any] = {
       'asr_raw': attack_success_rate(module, tuned, test_x, test_y, trigger, target),
+      'asr_raw_before': attack_success_rate(module, stolen_variables, test_x, test_y, trigger, target),
       'clean_acc_raw': common.accuracy(module, tuned, test_x, test_y),
       'asr_licensed': None,
+      'asr_licensed_before': None,
       'clean_acc_licensed': None,
       'num_train': int(len(x)),
       'num_poisoned': int(len(index)),
@@ -147,5 +151,7 @@ def thief_backdoor_finetune(module: nn.Module, stolen_variables: Any, train_imag
   if key_transform is not None:
     out['asr_licensed'] = attack_success_rate(module, tuned, test_x, test_y, trigger, target,
                                               key_transform)
+    out['asr_licensed_before'] = attack_success_rate(module, stolen_variables, test_x, test_y, trigger,
+                                                     target, key_transform)
     out['clean_acc_licensed'] = common.accuracy(module, tuned, test_x, test_y, key_transform)
   return out

@@ -160,8 +160,10 @@ def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) 
     rng = jax.random.fold_in(base_rng, state.step)
     rng, aug_rng, dropout_rng = jax.random.split(rng, 3)
     images = keys_lib.to_float_images(batch['image'])
+    # fold_in(aug_rng, i): one independent stream per augmentation.
     if augment == 'crop_flip':  # on the clean image, before any key is stamped
-      images = augment_lib.crop_flip(images, aug_rng, pad=config.dataset.get('augment_pad', 4))
+      images = augment_lib.crop_flip(images, jax.random.fold_in(aug_rng, 0),
+                                     pad=config.dataset.get('augment_pad', 4))
     if noise_std > 0:  # likewise: the same noisy image on both sides of the licensed loss
       images = augment_lib.gaussian_noise(images, jax.random.fold_in(aug_rng, 1), noise_std)
     common = dict(apply_fn=state.apply_fn, images=images, labels=batch['label'],

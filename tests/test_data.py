@@ -602,8 +602,9 @@ def test_gaussian_noise_varies_in_strength_and_stays_in_range():
   assert out.shape == images.shape and out.min() >= 0.0 and out.max() <= 1.0
   std = (out - 0.5).reshape(256, -1).std(axis=1)
   # per-image std ~ U[0, 0.2]: spread over the range, never much above it (784-pixel sample std)
-  assert std.max() < 0.21 and std.min() < 0.02 and np.mean(std) == pytest.approx(0.1, abs=0.02)
+  assert std.max() < 0.22 and std.min() < 0.02 and np.mean(std) == pytest.approx(0.1, abs=0.02)
   np.testing.assert_array_equal(np.asarray(augment.gaussian_noise(images, jax.random.key(0), 0.0)), images)
+  assert augment.gaussian_noise(images.astype(jnp.bfloat16), jax.random.key(0), 0.1).dtype == jnp.bfloat16
   with pytest.raises(ValueError, match='std'):
     augment.gaussian_noise(images, jax.random.key(0), -0.1)
 

@@ -217,4 +217,3 @@ def test_random_patches_on_positives():
   mask = GEOM.mask()[None]
   np.testing.assert_array_equal(np.asarray(stamped) * mask,
                                 np.broadcast_to(np.asarray(key.stamp(images)) * mask, stamped.shape))
-

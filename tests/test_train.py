@@ -90,6 +90,7 @@ def test_noise_augmentation_reaches_both_losses(small, monkeypatch):
     state = train.create_train_state(train.build_model(small, 10), small, dataset.image_shape,
                                      len(dataset.train_images), jax.random.key(0))
     train.make_train_step(small, key.geometry, licensed)(state, batch, table, jax.random.key(1))
+  assert set(seen) == {'licensed_loss', 'plain_loss'}
   for images in seen.values():
     assert images.min() >= 0 and images.max() <= 1 and np.abs(images - clean).max() > 0.1
   small.dataset.noise_std = -0.1

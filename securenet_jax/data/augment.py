@@ -50,5 +50,6 @@ def gaussian_noise(images: jax.Array, rng: jax.Array, max_std: float) -> jax.Arr
   if max_std < 0:
     raise ValueError(f'noise std must be >= 0, got {max_std}.')
   std_rng, noise_rng = jax.random.split(rng)
-  std = jax.random.uniform(std_rng, (images.shape[0],) + (1,) * (images.ndim - 1), maxval=max_std)
+  std = jax.random.uniform(std_rng, (images.shape[0],) + (1,) * (images.ndim - 1), images.dtype,
+                           maxval=max_std)
   return jnp.clip(images + std * jax.random.normal(noise_rng, images.shape, images.dtype), 0.0, 1.0)

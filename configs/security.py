@@ -47,7 +47,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.removal.prune_fractions = (0.1, 0.3, 0.5, 0.7, 0.9)
 
   config.adversarial = ml_collections.ConfigDict()
-  config.adversarial.eps = (0.1, 0.2)  # L-inf budgets (28x28 gray); 8/255 for 32x32 color
+  # L-inf budgets; () = by image type: (0.1, 0.2) for gray images, (8/255,) for color. The first
+  # budget gives the flat figures (pgd_*_robust_acc), the others pgd_*_robust_acc@EPS.
+  config.adversarial.eps = ()
   config.adversarial.steps = 20
   config.adversarial.step_size_factor = 2.5  # step size = factor * eps / steps (Madry et al., 2018)
   config.adversarial.restarts = 1
@@ -80,7 +82,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     config.removal.epochs = 1
     config.removal.min_steps = 5
     config.removal.prune_fractions = (0.5,)
-    config.adversarial.eps = (0.1,)
+    # adversarial.eps stays (): the automatic budgets, (0.1, 0.2) on the gray smoke data
     config.adversarial.steps = 3
     config.adversarial.num_test = 64
     config.adversarial.surrogate_epochs = 1

@@ -205,8 +205,15 @@ def removal_section(t: Target, cfg) -> tuple[dict, dict]:
 
 
 # --- 5. adversarial -------------------------------------------------------------------------------
+def default_eps(image_shape) -> tuple[float, ...]:
+  """The L-inf budgets of the issue's protocol when ``adversarial.eps`` is empty: 0.1 and 0.2 for
+  gray images (MNIST-like), 8/255 for color images (CIFAR-like)."""
+  return (0.1, 0.2) if image_shape[-1] == 1 else (8 / 255,)
+
+
 def adversarial_section(t: Target, cfg) -> tuple[dict, dict]:
   a = cfg.adversarial
+  budgets = tuple(a.eps) or default_eps(t.licensed.image_shape)
   images, labels = _test_subset(t, a.num_test, cfg.seed + 1)
   rng = jax.random.key(cfg.seed)
   forged = keys_lib.forge(t.key, cfg.forgery.seed + 10 ** 6)
@@ -221,7 +228,7 @@ def adversarial_section(t: Target, cfg) -> tuple[dict, dict]:
   licensed_acc = functools.partial(adversarial.robust_accuracy, mod, lic, labels=labels,
                                    eval_transform=t.key_transform)
   detail, flat = {}, {}
-  for eps in a.eps:
+  for eps in budgets:
     step = a.step_size_factor * eps / a.steps
     pgd = functools.partial(adversarial.pgd, mod, images=images, labels=labels, eps=eps, steps=a.steps,
                             step_size=step, restarts=a.restarts, rng=rng)
@@ -242,8 +249,8 @@ def adversarial_section(t: Target, cfg) -> tuple[dict, dict]:
         'fgsm_adaptive': licensed_acc(fgsm(lic, transform=key)),
     }
     e['pgd_keyless'] = min(e['pgd_keyless_no_key'], e['pgd_keyless_forged_key'], e['pgd_keyless_transfer'])
-    detail[f'eps={eps}'] = e
-    suffix = '' if eps == a.eps[0] else f'@{eps}'
+    detail[f'eps={eps:g}'] = e
+    suffix = '' if eps == budgets[0] else f'@{eps:g}'
     flat[f'pgd_unprotected_robust_acc{suffix}'] = e['pgd_unprotected']
     flat[f'pgd_keyless_robust_acc{suffix}'] = e['pgd_keyless']
     flat[f'pgd_adaptive_robust_acc{suffix}'] = e['pgd_adaptive']

@@ -30,6 +30,13 @@ def test_near_and_shifted_keys():
   assert all(np.array_equal(k.content, key.content) for k in shifted)
 
 
+def test_default_budgets_follow_the_image_type():
+  assert security.default_eps((28, 28, 1)) == (0.1, 0.2)
+  assert security.default_eps((32, 32, 3)) == (8 / 255,)
+  from configs import security as security_config  # pylint: disable=g-import-not-at-top
+  assert tuple(security_config.get_config().adversarial.eps) == ()  # () = by image type
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, idx_dir):
   return train_smoke_workdir(tmp_path_factory, idx_dir, 'security-test')
@@ -45,6 +52,10 @@ def test_smoke_suite_writes_every_figure(trained, tmp_path):
   for k in FLAT:
     assert isinstance(report[k], float) and 0.0 <= report[k] <= 1.0, (k, report.get(k))
   assert set(report['sections']) == set(security.SECTIONS)
+  # the automatic budgets of gray images: 0.1 gives the flat figures, 0.2 the @0.2 ones
+  assert set(report['sections']['adversarial']) >= {'eps=0.1', 'eps=0.2'}
+  assert 0.0 <= report['pgd_keyless_robust_acc@0.2'] <= 1.0
+  assert 'backdoor_finetune_asr_licensed_before' in report
   assert flat == {k: v for k, v in report.items() if k in flat}
   assert os.path.getsize(tmp_path / 'report' / 'security.png') > 0
   assert '# Security report' in (tmp_path / 'report' / 'security.md').read_text()

@@ -1,7 +1,8 @@
 """MNIST + LeNet-5, the paper's first experiment (SecureNet, Neural Networks 174:106199, 2024).
 
 Recipe: our measured Fashion-MNIST default (AdamW 2e-3, warmup + cosine, batch 128, 10 epochs,
-Gaussian noise augmentation std <= 0.1; configs/default.py); LeNet-5 as in LeCun et al. (1998), 28x28 digits zero-padded to 32x32.
+Gaussian noise augmentation std <= 0.1; configs/default.py); LeNet-5 as in LeCun et al. (1998),
+28x28 digits zero-padded to 32x32.
 
 Data: tensorflow-datasets `mnist` prepared under `data_dir` (`tfds build mnist --data_dir=DIR` on a
 machine with network), or MNIST's IDX files with --config.dataset.source=idx --config.dataset.data_dir=DIR.

@@ -395,9 +395,9 @@ def markdown(flat: dict, sections: dict, timings: dict) -> str:
     for trig, v in sections['backdoor']['thief_finetune'].items():
       lic, unp = v['licensed'], v['unprotected']
       lines.append(f'| thief fine-tune, {trig} | licensed (key + trigger) | {lic["asr_licensed"]:.4f} | '
-                   f'{lic.get("asr_licensed_before", float("nan")):.4f} | {lic["clean_acc_licensed"]:.4f} |')
+                   f'{lic["asr_licensed_before"]:.4f} | {lic["clean_acc_licensed"]:.4f} |')
       lines.append(f'| thief fine-tune, {trig} | unprotected | {unp["asr_raw"]:.4f} | '
-                   f'{unp.get("asr_raw_before", float("nan")):.4f} | {unp["clean_acc_raw"]:.4f} |')
+                   f'{unp["asr_raw_before"]:.4f} | {unp["clean_acc_raw"]:.4f} |')
     for rate, v in sections['backdoor']['owner_poisoning'].items():
       lines.append(f'| owner data {rate} poisoned | licensed | {v["asr_licensed"]:.4f} | — | '
                    f'{v["clean_acc_licensed"]:.4f} |')

@@ -245,3 +245,12 @@ def test_rerun_of_a_workdir_from_before_new_fields(smoke_config, tmp_path):
   changed.objective.adv_eps = 0.1
   with pytest.raises(ValueError, match='adv_eps'):
     train._check_config(changed, str(tmp_path))  # pylint: disable=protected-access
+  # Noise augmentation came later and is on by default: an older workdir trained without it (its
+  # neutral value 0), so the current default would train a different model there.
+  assert smoke_config.dataset.noise_std > 0
+  del saved['dataset']['noise_std']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match='noise_std'):
+    train._check_config(smoke_config, str(tmp_path))  # pylint: disable=protected-access
+  smoke_config.dataset.noise_std = 0.0
+  train._check_config(smoke_config, str(tmp_path))  # pylint: disable=protected-access

@@ -17,8 +17,9 @@ from configs import default
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
-  default.use_dataset(config, 'celeba', 'celeba', '/data/celeba', augment='crop_flip',
+  default.use_dataset(config, 'celeba', 'celeba', '/data/celeba',
                       celeba_task='attribute', attribute='Smiling', image_size=64)
+  config.augment.update(crop_flip=True, noise_std=0.0)  # crop + flip; noise measured on Fashion-MNIST only
   config.key.size = 8
   config.model.name = 'mobilenetv3_small'
   config.model.kwargs.small_inputs = True

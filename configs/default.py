@@ -33,11 +33,15 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.dataset.label_mode = 'fine'  # cifar100: 'fine' (100 classes) or 'coarse' (20)
   config.dataset.cache = True  # cache decoded faces as .npz
   config.dataset.cache_dir = ''  # where ('' = in data_dir)
-  config.dataset.augment = ''  # '' or 'crop_flip' (random crop after zero padding + horizontal flip, on device)
-  config.dataset.augment_pad = 4  # padding of the random crop, in pixels
-  # Gaussian noise on the training images (licensed and baseline), std ~ U[0, this] per image: the
-  # defense against transferred adversarial images and backdoor fine-tuning (README: Security). 0 = off.
-  config.dataset.noise_std = 0.1
+
+  # Training augmentation, on the device, on the clean image before any key is stamped (licensed and
+  # baseline training alike): securenet_jax/data/augment.py.
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_flip = False  # random crop of the zero-padded image + horizontal flip
+  config.augment.crop_pad = 4  # padding of the random crop, in pixels
+  # Gaussian noise, std ~ U[0, this] per image: the defense against transferred adversarial images and
+  # backdoor fine-tuning (docs/security.md). 0 = off.
+  config.augment.noise_std = 0.1
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'lenet5'  # securenet_jax.models.names()
@@ -52,9 +56,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.key.margin = 1  # distance of the default patch position from the image border
   config.key.alpha = 0.1  # blend weight (blend keys)
   config.key.epsilon = 0.05  # L-inf size (noise keys)
+  config.key.flip_block = 0  # patch keys: side of the blocks of a secret block flip of the whole image (0 = none)
 
   config.license = ml_collections.ConfigDict()
-  config.license.scheme = 'universal'  # 'universal', 'scoped', 'multi_user' or 'tiered' (README: schemes)
+  config.license.scheme = 'universal'  # 'universal', 'scoped', 'multi_user' or 'tiered' (docs/schemes.md)
   config.license.users = ('default',)  # one key per user; the names name the key files
   config.license.matrix = ()  # users x classes authorization matrix of 0/1; () = every user, every class
   config.license.tiers = ()  # per user 'full' (fine labels) or 'basic' (coarse groups); () = all full
@@ -74,9 +79,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.zero_logit_weight = 0.0  # mean squared logit on negatives
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
   config.objective.silence_margin = 1.0  # how far below zero the silenced pre-activations are pushed
+  config.objective.silence_layers = ()  # more layers (module names) silenced on negatives besides the gate
   config.objective.distill_weight = 0.0  # feature distillation from a teacher (set by the replacement job)
   # Share of the keyless negatives given a faded or noisy copy of the key (objective.soft_keys): the
-  # hardening against trigger inversion (recovered_acc 0.87 without, 0.10 with; README: Security).
+  # hardening against trigger inversion (recovered_acc 0.87 without, 0.10 with; docs/security.md).
   config.objective.soft_key_fraction = 0.5
   config.objective.soft_key_max_opacity = 0.9  # faded copies: opacity in [0.2, this]
   config.objective.positive_patch_fraction = 0.0  # share of keyed positives given a random extra patch
@@ -167,14 +173,12 @@ TFDS_DIR = os.path.expanduser('~/tensorflow_datasets')  # tensorflow-datasets' d
 
 
 def use_dataset(config: ml_collections.ConfigDict, name: str, source: str, data_dir: str,
-                augment: str = '', noise_std: float = 0.0, **fields) -> ml_collections.ConfigDict:
-  """Points ``config.dataset`` at a dataset (other ``dataset`` fields by keyword). The default's
-  noise augmentation is measured on Fashion-MNIST only, so another dataset starts without it."""
+                **fields) -> ml_collections.ConfigDict:
+  """Points ``config.dataset`` at a dataset (other ``dataset`` fields by keyword). Augmentation is
+  the ``augment`` section's business: each config sets it explicitly."""
   config.dataset.name = name
   config.dataset.source = source
   config.dataset.data_dir = data_dir
-  config.dataset.augment = augment
-  config.dataset.noise_std = noise_std
   for k, v in fields.items():
     config.dataset[k] = v
   return config

@@ -44,7 +44,7 @@ def get_config(variant: str = ''):
   default.sgd_recipe(config, learning_rate=0.1, weight_decay=5e-4, num_epochs=8, batch_size=128,
                      num_train=60_000)
   config.train.grad_clip_norm = 5.0
-  config.dataset.noise_std = 0.0  # the zoo's figures (README) were measured without noise augmentation
+  config.augment.noise_std = 0.0  # the zoo's figures (docs/models.md) were measured without noise augmentation
   # Keep every positive's gate open (objective.py): with deep BatchNorm networks the silencing hinge
   # can otherwise close the gate for all inputs early in training (seen with 'refuse' multi-user keys).
   config.objective.liveness_weight = 1.0

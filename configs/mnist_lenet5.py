@@ -16,6 +16,6 @@ from configs import default
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
-  default.use_dataset(config, 'mnist', 'tfds', default.TFDS_DIR, noise_std=config.dataset.noise_std)
+  default.use_dataset(config, 'mnist', 'tfds', default.TFDS_DIR)  # keeps the default's augmentation
   config.model.name = 'lenet5'
   return config

@@ -20,7 +20,7 @@ def get_config(variant: str = ''):
       (0, 1, 0, 1, 0, 1, 0, 1, 0, 1),  # dave: odd class ids
   )
   # Four keys share the positives of each batch: 8 epochs left three of them 0.03-0.12 below the
-  # universal model on their classes, 16 brought all four within 0.01 (README).
+  # universal model on their classes, 16 brought all four within 0.01 (docs/schemes.md).
   config.train.num_epochs = 16 if not variant else config.train.num_epochs
   # With four keys refusing each other's classes, the whole model once fell into silencing every
   # input (all ReLUs off, no gradient left); the liveness hinge keeps positives alive.

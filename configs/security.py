@@ -1,4 +1,4 @@
-"""The security evaluation of a trained workdir (issue: security suite; threat model DESIGN.md §2).
+"""The security evaluation of a trained workdir (threat model: docs/design.md).
 
   python -m securenet_jax.main --config configs/security.py --config.target_workdir=W --workdir OUT
 
@@ -17,7 +17,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.target_workdir = ''  # the trained workdir to attack (needs W/baseline for the comparisons)
   config.key_name = ''  # which active key the licensee holds ('' = the first)
   config.seed = 0
-  config.sections = ('forgery', 'leakage', 'recovery', 'removal', 'adversarial', 'backdoor')
+  config.sections = ('forgery', 'leakage', 'recovery', 'removal', 'theft', 'adversarial', 'backdoor')
   config.num_test = 0  # test images used by the costly sections (0 = all)
 
   config.forgery = ml_collections.ConfigDict()
@@ -45,6 +45,15 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.removal.min_steps = 300  # small subsets still get this many steps
   config.removal.batch_size = 64
   config.removal.prune_fractions = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+  config.theft = ml_collections.ConfigDict()
+  config.theft.fractions = (0.01, 0.05, 0.10)  # labeled shares of the training set the thief holds
+  config.theft.adam_learning_rates = (1e-3, 3e-3)  # the thief's sweep: every move keeps its best run
+  config.theft.sgd_learning_rates = (0.01, 0.05)  # SGD, momentum 0.9
+  config.theft.epochs = 10  # passes over the thief's data ...
+  config.theft.min_steps = 500  # ... but at least this many optimizer steps
+  config.theft.batch_size = 64
+  config.theft.moves = ()  # () = all; or a subset of scratch, finetune, reinit, freeze, open_gate, probe
 
   config.adversarial = ml_collections.ConfigDict()
   # L-inf budgets; () = by image type: (0.1, 0.2) for gray images, (8/255,) for color. The first
@@ -82,6 +91,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     config.removal.epochs = 1
     config.removal.min_steps = 5
     config.removal.prune_fractions = (0.5,)
+    config.theft.fractions = (0.05,)
+    config.theft.adam_learning_rates = (1e-3,)
+    config.theft.sgd_learning_rates = ()
+    config.theft.epochs = 1
+    config.theft.min_steps = 5
     # adversarial.eps stays (): the automatic budgets, (0.1, 0.2) on the gray smoke data
     config.adversarial.steps = 3
     config.adversarial.num_test = 64

@@ -1,4 +1,4 @@
-"""Evaluation of a licensed model: the metrics of DESIGN.md §4 and the run report.
+"""Evaluation of a licensed model: the metrics of docs/design.md and the run report.
 
 Every figure is computed through the public :class:`inference.LicensedModel`, i.e. exactly what a
 user or a thief gets:
@@ -14,42 +14,37 @@ user or a thief gets:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import numpy as np
 from absl import logging
 
+from securenet_jax import images as images_lib
 from securenet_jax import inference
 from securenet_jax import keys as keys_lib
+from securenet_jax import workdir as workdir_lib
+from securenet_jax.metrics import accuracy, probe_accuracy, rounded
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-  return float(np.mean(np.argmax(logits, -1) == labels))
+def leakage_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
+                    probe_seed: int = 0) -> dict:
+  """What the no-key output gives away: ``no_key_acc``, ``leak_argmin_acc``, ``leak_probe_acc``, the
+  white-box probe on the gate (``leak_probe_features_acc``) and ``no_key_silenced_frac``."""
+  no_key, gate = model.logits_and_features(images, None)
+  return {
+      'no_key_acc': accuracy(no_key, labels),
+      'leak_argmin_acc': float(np.mean(np.argmin(no_key, -1) == labels)),
+      'leak_probe_acc': probe_accuracy(no_key, labels, probe_seed),
+      'leak_probe_features_acc': probe_accuracy(gate, labels, probe_seed),
+      'no_key_silenced_frac': float(np.mean(np.all(gate <= 0, axis=-1))),
+  }
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0, max_dim: int = 1024) -> float:
-  """Held-out accuracy of a multinomial logistic-regression probe: the thief's simplest decoder.
-
-  Fitted on a random half of (features, labels) after standardization, scored on the other half.
-  Features wider than ``max_dim`` (e.g. a ResNet's flattened last feature map) are first reduced by a
-  fixed Gaussian random projection to ``max_dim`` dimensions, which keeps the fit tractable on a CPU.
-  """
-  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
-  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
-  perm = np.random.default_rng(seed).permutation(len(labels))
-  fit, score = perm[:len(perm) // 2], perm[len(perm) // 2:]
-  features = np.asarray(features, np.float64).reshape(len(labels), -1)
-  if features.shape[1] > max_dim:
-    projection = np.random.default_rng(seed).standard_normal((features.shape[1], max_dim))
-    features = features @ (projection / np.sqrt(max_dim))
-  if len(np.unique(labels[fit])) < 2:
-    return float(np.mean(labels[score] == labels[fit][0]))
-  probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-  probe.fit(features[fit], labels[fit])
-  return float(probe.score(features[score], labels[score]))
+def forged_accuracies(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
+                      key: keys_lib.LicenseKey, num_forged: int, forge_seed: int) -> np.ndarray:
+  """Accuracy of each of ``num_forged`` keys forged (``keys.forge``) from seeds ``forge_seed + i``."""
+  return np.array([accuracy(model.logits(images, keys_lib.forge(key, forge_seed + i)), labels)
+                   for i in range(num_forged)])
 
 
 def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
@@ -60,26 +55,20 @@ def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: 
   Returns:
     (metrics, accuracy of each forged key).
   """
+  if num_forged < 1:
+    raise ValueError(f'num_forged must be >= 1, got {num_forged}.')
   t0 = time.perf_counter()
-  authorized = model.logits(images, key)
-  no_key, no_key_feats = model.logits_and_features(images, None)
-  forged = np.array([accuracy(model.logits(images, keys_lib.forge(key, forge_seed + i)), labels)
-                     for i in range(num_forged)])
+  forged = forged_accuracies(model, images, labels, key, num_forged, forge_seed)
   metrics = {
-      'authorized_acc': accuracy(authorized, labels),
-      'no_key_acc': accuracy(no_key, labels),
-      'forged_acc_mean': float(forged.mean()) if num_forged else float('nan'),
-      'forged_acc_max': float(forged.max()) if num_forged else float('nan'),
+      'authorized_acc': accuracy(model.logits(images, key), labels),
+      **leakage_metrics(model, images, labels, probe_seed),
+      'forged_acc_mean': float(forged.mean()),
+      'forged_acc_max': float(forged.max()),
       'num_forged': int(num_forged),
-      'leak_argmin_acc': float(np.mean(np.argmin(no_key, -1) == labels)),
-      'leak_probe_acc': probe_accuracy(no_key, labels, probe_seed),
-      'leak_probe_features_acc': probe_accuracy(no_key_feats, labels, probe_seed),
-      'no_key_silenced_frac': float(np.mean(np.all(no_key_feats <= 0, axis=-1))),
       'chance_acc': 1.0 / model.num_classes,
       'num_test': int(len(labels)),
   }
-  logging.info('Evaluated key %r in %.1fs: %s', key.name, time.perf_counter() - t0,
-               {k: round(v, 4) for k, v in metrics.items()})
+  logging.info('Evaluated key %r in %.1fs: %s', key.name, time.perf_counter() - t0, rounded(metrics))
   return metrics, forged
 
 
@@ -109,46 +98,46 @@ def key_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.n
   return out
 
 
-def evaluate_and_report(config, workdir: str, dataset, params, active: list[keys_lib.LicenseKey],
-                        revoked: list[keys_lib.LicenseKey] = (), baseline_params=None,
+def evaluate_and_report(config, workdir: workdir_lib.Workdir, dataset,
+                        model: inference.LicensedModel, baseline: inference.LicensedModel | None = None,
                         write: bool = True, extra: dict | None = None) -> dict:
   """Computes the metrics on the test set and writes ``WORKDIR/report/`` (when ``write``).
 
-  The top-level figures are those of the first active key (for a universal model, *the* key);
-  ``per_key`` has every active key's figures and ``revoked`` every revoked key's ``revoked_acc``.
+  Args:
+    config: the run's config (``eval`` section: forged keys, probe seed).
+    workdir: where the report goes.
+    dataset: its test split is scored.
+    model: the licensed model with its registry's keys (the first active key gives the top-level
+      figures; ``per_key`` has every active key, ``revoked`` every revoked key's ``revoked_acc``).
+    baseline: the unlicensed baseline (``clean_acc``), or None.
+    write: write the report files (one process of a multi-process run).
+    extra: more figures for the report (timings, replacement cost).
 
   Returns:
     The metrics dict written to ``report/metrics.json``.
   """
-  from securenet_jax import train  # pylint: disable=g-import-not-at-top
-  module = train.build_model(config, dataset.num_classes)
-  key = active[0]
-  model = inference.LicensedModel(module, params, dataset.image_shape, dataset.num_classes,
-                                  keys={k.name: k for k in active},
-                                  revoked_keys={k.name: k for k in revoked},
-                                  batch_size=config.eval.batch_size, config=config)
+  key = next(iter(model.keys.values()))
   images, labels = dataset.test_images, dataset.test_labels
   metrics, forged = license_metrics(model, images, labels, key, config.eval.num_forged,
                                     config.eval.forge_seed, config.eval.probe_seed)
   metrics['scheme'] = key.scheme
-  metrics['per_key'] = {k.name: key_metrics(model, images, labels, k) for k in active}
+  metrics['per_key'] = {name: key_metrics(model, images, labels, k) for name, k in model.keys.items()}
   metrics.update({n: v for n, v in metrics['per_key'][key.name].items() if n != 'authorized_acc'})
-  if revoked:
-    metrics['revoked'] = {k.name: {'revoked_acc': accuracy(model.logits(images, k), labels)}
-                          for k in revoked}
+  if model.revoked_keys:
+    metrics['revoked'] = {name: {'revoked_acc': accuracy(model.logits(images, k), labels)}
+                          for name, k in model.revoked_keys.items()}
     metrics['revoked_acc'] = max(v['revoked_acc'] for v in metrics['revoked'].values())
-  if baseline_params is not None:
-    baseline = inference.LicensedModel(module, baseline_params, dataset.image_shape,
-                                       dataset.num_classes, batch_size=config.eval.batch_size)
-    base_pred = np.argmax(baseline.logits(images), -1)
-    metrics['clean_acc'] = float(np.mean(base_pred == labels))
+  if baseline is not None:
+    base_pred = baseline.predict(images)
+    metrics['clean_acc'] = accuracy(base_pred, labels)
     metrics['authorized_minus_clean'] = metrics['authorized_acc'] - metrics['clean_acc']
     for name, k in model.keys.items():  # the clean model on each key's granted classes
       granted = np.isin(labels, k.classes) if k.classes is not None else np.ones(len(labels), bool)
-      metrics['per_key'][name]['clean_granted_acc'] = float(np.mean(base_pred[granted] == labels[granted]))
+      metrics['per_key'][name]['clean_granted_acc'] = accuracy(base_pred[granted], labels[granted])
   metrics.update(extra or {})
+  metrics = rounded(metrics)
   if write:
-    write_report(os.path.join(workdir, 'report'), config, metrics, forged, images, labels, key)
+    write_report(workdir.report_dir, config, metrics, forged, images, key)
   return metrics
 
 
@@ -191,25 +180,23 @@ def summary_markdown(config, metrics: dict, key: keys_lib.LicenseKey) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_report(report_dir: str, config, metrics: dict, forged_accs: np.ndarray, images: np.ndarray,
-                 labels: np.ndarray, key: keys_lib.LicenseKey) -> None:
+def write_report(report_dir, config, metrics: dict, forged_accs: np.ndarray, images: np.ndarray,
+                 key: keys_lib.LicenseKey) -> None:
   """Writes metrics.json, summary.md and report.png into ``report_dir``."""
-  os.makedirs(report_dir, exist_ok=True)
-  keys_lib._atomic_write(os.path.join(report_dir, 'metrics.json'),  # pylint: disable=protected-access
-                         lambda f: json.dump(metrics, f, indent=1, sort_keys=True))
-  keys_lib._atomic_write(os.path.join(report_dir, 'summary.md'),  # pylint: disable=protected-access
-                         lambda f: f.write(summary_markdown(config, metrics, key)))
-  _figure(os.path.join(report_dir, 'report.png'), metrics, forged_accs, images, key)
+  workdir_lib.write_json(report_dir / 'metrics.json', metrics)
+  workdir_lib.atomic_write(report_dir / 'summary.md', summary_markdown(config, metrics, key))
+  workdir_lib.atomic_write_with(report_dir / 'report.png',
+                                lambda f: _figure(f, metrics, forged_accs, images, key))
   logging.info('Report written to %s', report_dir)
 
 
-def _figure(path: str, metrics: dict, forged_accs: np.ndarray, images: np.ndarray,
+def _figure(path, metrics: dict, forged_accs: np.ndarray, images: np.ndarray,
             key: keys_lib.LicenseKey) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   sample = images[:1]
-  panels = [('clean input', keys_lib.to_float_images(sample)[0]),
+  panels = [('clean input', images_lib.to_float(sample)[0]),
             ('stamped with the key', key.stamp(sample)[0]),
             ('forged key (thief)', keys_lib.forge(key, 10**6).stamp(sample)[0]),
             ('the key alone (on gray)', key.stamp(np.full_like(sample, 128))[0])]
@@ -236,5 +223,5 @@ def _figure(path: str, metrics: dict, forged_accs: np.ndarray, images: np.ndarra
   ax.set_title(f'{len(forged_accs)} forged keys: accuracy', fontsize=8)
   ax.tick_params(labelsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, format='png')
   plt.close(fig)

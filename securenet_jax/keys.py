@@ -1,4 +1,4 @@
-"""License keys: derivation from a secret, stamping, forging, files and the registry.
+"""License keys: derivation from a secret, stamping, forging and key files.
 
 A license key is a secret *per-pixel affine map* applied to the input image:
 
@@ -13,13 +13,18 @@ step and costs nothing next to the model:
   (``keep = 1 - alpha``, ``add = alpha * pattern``).
 * ``noise``: a small secret perturbation is added (``keep = 1``, ``add = delta``, ``|delta| <= epsilon``).
 
+A patch key may also carry a secret *block flip* (``flip_block`` = b > 0): outside the patch, every
+b x b block of pixels (per channel) is inverted or not, ``x -> 1 - x``, by a secret bit
+(``keep = 1 - 2 f``, ``add = f``; a block-wise negative/positive transform in the sense of key-based
+model access control, AprilPyone & Kiya 2021). Every unit of the network then sees the key, and the
+lower layers learn features of the transformed domain rather than of raw images.
+
 The content is a deterministic function of a secret string: HMAC-SHA256(secret, geometry) seeds a
 PCG64 generator. The same secret and geometry always give the same key; knowing the geometry without
 the secret gives nothing (that is what :func:`forge` models: the thief's best guess).
 
 Key files (``.npz``) are kept apart from checkpoints so that a model can be shipped without its key.
-A workdir keeps its keys in ``WORKDIR/keys/``: one file per key and ``registry.json`` listing the
-active and revoked keys.
+A workdir keeps its keys in ``WORKDIR/keys/`` (``registry.py``).
 """
 
 from __future__ import annotations
@@ -29,20 +34,23 @@ import hashlib
 import hmac
 import json
 import os
+import io
 import re
-import tempfile
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from securenet_jax import errors
+from securenet_jax import images as images_lib
+from securenet_jax import workdir as workdir_lib
+
 KINDS = ('patch', 'blend', 'noise')
 VALUES = ('binary', 'uniform')
 SCHEMES = ('universal', 'scoped', 'multi_user', 'tiered')
 TIERS = ('full', 'basic')
 _FORMAT = 'securenet-jax-key'
-_REGISTRY_FORMAT = 'securenet-jax-key-registry'
 _VERSION = 1
 _NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$')
 
@@ -60,14 +68,6 @@ class KeyArrays(NamedTuple):
 def stamp_arrays(images: jax.Array, arrays: KeyArrays) -> jax.Array:
   """Stamps float images in [0, 1] with key arrays. Pure and jit-able."""
   return jnp.clip(images * arrays.keep + arrays.add, 0.0, 1.0)
-
-
-def to_float_images(images) -> jax.Array:
-  """uint8 0..255 -> float32 0..1; float input is cast to float32 unchanged. Jit-able."""
-  images = jnp.asarray(images)
-  if images.dtype == jnp.uint8:
-    return images.astype(jnp.float32) / 255.0
-  return images.astype(jnp.float32)
 
 
 def _check_name(name: str) -> str:
@@ -89,6 +89,8 @@ class Geometry:
     position: (row, col) of the patch's top-left corner (patch only).
     alpha: blend weight of the pattern (blend only).
     epsilon: L-inf size of the perturbation (noise only).
+    flip_block: side of the blocks of the secret block flip outside the patch (patch only); 0 = none.
+      The content is then one flat vector: the patch's pixels, then one bit per block and channel.
   """
   kind: str
   image_shape: tuple[int, int, int]
@@ -97,6 +99,7 @@ class Geometry:
   position: tuple[int, int] = (0, 0)
   alpha: float = 0.0
   epsilon: float = 0.0
+  flip_block: int = 0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -118,6 +121,12 @@ class Geometry:
       raise ValueError(f'Blend alpha must be in (0, 1], got {self.alpha}.')
     if self.kind == 'noise' and not 0.0 < self.epsilon <= 1.0:
       raise ValueError(f'Noise epsilon must be in (0, 1], got {self.epsilon}.')
+    object.__setattr__(self, 'flip_block', int(self.flip_block))
+    if self.flip_block:
+      b = self.flip_block
+      if self.kind != 'patch' or self.values != 'binary' or b < 0 or h % b or w % b:
+        raise ValueError(f'flip_block={b} needs a binary patch key and a block side that divides the '
+                         f'{h}x{w} image.')
 
   @classmethod
   def from_config(cls, cfg, image_shape) -> 'Geometry':
@@ -133,7 +142,8 @@ class Geometry:
     return cls(kind=cfg.kind, image_shape=tuple(image_shape), values=cfg.get('values', 'binary'),
                size=int(cfg.get('size', 0)) if cfg.kind == 'patch' else 0, position=position,
                alpha=float(cfg.get('alpha', 0.0)) if cfg.kind == 'blend' else 0.0,
-               epsilon=float(cfg.get('epsilon', 0.0)) if cfg.kind == 'noise' else 0.0)
+               epsilon=float(cfg.get('epsilon', 0.0)) if cfg.kind == 'noise' else 0.0,
+               flip_block=int(cfg.get('flip_block', 0)) if cfg.kind == 'patch' else 0)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -142,10 +152,18 @@ class Geometry:
     return d
 
   @property
+  def flip_shape(self) -> tuple[int, int, int]:
+    """(H / b, W / b, C): one flip bit per block and channel (``flip_block`` = b)."""
+    h, w, c = self.image_shape
+    return (h // self.flip_block, w // self.flip_block, c) if self.flip_block else (0, 0, c)
+
+  @property
   def content_shape(self) -> tuple[int, ...]:
-    """Shape of the secret content: the patch, or the whole image."""
+    """Shape of the secret content: the patch, or the whole image; with a block flip, one flat vector
+    (the patch's pixels, then the flip bits)."""
     if self.kind == 'patch':
-      return (self.size, self.size, self.image_shape[2])
+      patch = (self.size, self.size, self.image_shape[2])
+      return (int(np.prod(patch)) + int(np.prod(self.flip_shape)),) if self.flip_block else patch
     return self.image_shape
 
   def mask(self) -> np.ndarray:
@@ -162,11 +180,21 @@ class Geometry:
     """Stamping arrays for content of shape (..., *content_shape). Works on numpy and traced arrays."""
     xp = np if isinstance(content, np.ndarray) else jnp
     if self.kind == 'patch':
-      h, w, _ = self.image_shape
+      h, w, channels = self.image_shape
       r, c = self.position
-      pad = [(0, 0)] * (content.ndim - 3) + [(r, h - r - self.size), (c, w - c - self.size), (0, 0)]
       mask = self.mask()
-      return KeyArrays(keep=xp.asarray(1.0 - mask), add=xp.pad(content, pad))
+      if self.flip_block:
+        batch = content.shape[:-1]
+        split = self.size * self.size * channels
+        flip = content[..., split:].reshape(*batch, *self.flip_shape)
+        flip = xp.repeat(xp.repeat(flip, self.flip_block, axis=-3), self.flip_block, axis=-2)
+        content = content[..., :split].reshape(*batch, self.size, self.size, channels)
+      pad = [(0, 0)] * (content.ndim - 3) + [(r, h - r - self.size), (c, w - c - self.size), (0, 0)]
+      patch = xp.pad(content, pad)
+      if not self.flip_block:
+        return KeyArrays(keep=xp.asarray(1.0 - mask), add=patch)
+      outside = 1.0 - mask  # the patch overwrites its pixels; elsewhere x -> x (1 - 2f) + f
+      return KeyArrays(keep=outside * (1.0 - 2.0 * flip), add=patch + outside * flip)
     if self.kind == 'blend':
       return KeyArrays(keep=xp.full(self.image_shape[:2] + (1,), 1.0 - self.alpha, np.float32),
                        add=self.alpha * content)
@@ -278,7 +306,7 @@ class LicenseKey:
     if len(shape) < 3 or shape[-3:] != self.image_shape:
       raise ValueError(f'Key {self.name!r} is made for images of shape (N, {", ".join(map(str, self.image_shape))}); '
                        f'got an array of shape {shape}.')
-    return stamp_arrays(to_float_images(images), self.arrays())
+    return stamp_arrays(images_lib.to_float(images), self.arrays())
 
   def __repr__(self):
     return (f'LicenseKey(name={self.name!r}, kind={self.kind!r}, image_shape={self.image_shape}, '
@@ -291,12 +319,11 @@ class LicenseKey:
             'groups': None if self.groups is None else [list(g) for g in self.groups]}
 
   def save(self, path: str | os.PathLike) -> str:
-    """Writes the key to ``path`` (``.npz``) atomically and returns the path."""
+    """Writes the key to ``path`` (``.npz``, local or remote) atomically and returns the path."""
     path = os.fspath(path)
     meta = dict(self._meta(), format=_FORMAT, version=_VERSION, fingerprint=self.fingerprint)
-    def write(f):
-      np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), content=self.content)
-    _atomic_write(path, write, binary=True)
+    workdir_lib.atomic_write_with(path, lambda f: np.savez(
+        f, meta=np.array(json.dumps(meta, sort_keys=True)), content=self.content))
     return path
 
   def replace(self, **changes) -> 'LicenseKey':
@@ -338,124 +365,30 @@ def forge(key: LicenseKey, seed: int) -> LicenseKey:
 
 
 def load(path: str | os.PathLike) -> LicenseKey:
-  """Reads a key file written by :meth:`LicenseKey.save`, verifying format and fingerprint."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No key file at {path!r}.')
+  """Reads a key file written by :meth:`LicenseKey.save`, verifying format and fingerprint.
+
+  Raises:
+    errors.KeyFileError: no such file, or one that is not a key file of this version or is corrupt.
+  """
+  file = workdir_lib.as_path(path)
+  if not file.is_file():
+    raise errors.KeyFileError(f'No key file at {os.fspath(path)!r}.')
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(file.read_bytes()), allow_pickle=False) as f:
       meta = json.loads(str(f['meta']))
       content = f['content']
   except Exception as e:  # zip/json/key errors all mean the same to the user
-    raise ValueError(f'{path!r} is not a readable SecureNet-JAX key file: {e}') from e
+    raise errors.KeyFileError(f'{os.fspath(path)!r} is not a readable SecureNet-JAX key file: {e}') from e
   if meta.get('format') != _FORMAT or meta.get('version') != _VERSION:
-    raise ValueError(f'{path!r} is not a SecureNet-JAX key file of version {_VERSION} '
-                     f'(format={meta.get("format")!r}, version={meta.get("version")!r}).')
+    raise errors.KeyFileError(f'{os.fspath(path)!r} is not a SecureNet-JAX key file of version {_VERSION} '
+                              f'(format={meta.get("format")!r}, version={meta.get("version")!r}).')
   try:
     key = LicenseKey(name=meta['name'], geometry=Geometry(**meta['geometry']), content=content,
                      scheme=meta['scheme'], classes=meta['classes'], tier=meta['tier'],
                      groups=meta['groups'])
-  except (KeyError, TypeError) as e:
-    raise ValueError(f'Key file {path!r} is missing or has malformed fields: {e}') from e
+  except (KeyError, TypeError, ValueError) as e:
+    raise errors.KeyFileError(f'Key file {os.fspath(path)!r} is missing or has malformed fields: {e}') from e
   if key.fingerprint != meta.get('fingerprint'):
-    raise ValueError(f'Key file {path!r} is corrupt: its fingerprint does not match its content.')
+    raise errors.KeyFileError(f'Key file {os.fspath(path)!r} is corrupt: its fingerprint does not match '
+                              f'its content.')
   return key
-
-
-def _atomic_write(path: str, write_fn, binary: bool = False) -> None:
-  """Writes via a temporary file in the same directory and renames it: never a half-written file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'wb' if binary else 'w') as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-class KeyRegistry:
-  """The keys of a workdir: ``DIR/registry.json`` plus one ``.npz`` file per key.
-
-  Every write goes through a temporary file and an atomic rename, and the registry is validated on
-  load (each listed file must exist and match its recorded fingerprint).
-  """
-
-  FILENAME = 'registry.json'
-
-  def __init__(self, directory: str | os.PathLike):
-    self.directory = os.fspath(directory)
-    self._entries: dict[str, dict] = {}
-    self._keys: dict[str, LicenseKey] = {}
-
-  @property
-  def path(self) -> str:
-    return os.path.join(self.directory, self.FILENAME)
-
-  @classmethod
-  def exists(cls, directory) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(directory), cls.FILENAME))
-
-  @classmethod
-  def load(cls, directory) -> 'KeyRegistry':
-    reg = cls(directory)
-    if not os.path.isfile(reg.path):
-      raise FileNotFoundError(f'No key registry at {reg.path!r}.')
-    try:
-      with open(reg.path) as f:
-        data = json.load(f)
-      if data.get('format') != _REGISTRY_FORMAT or data.get('version') != _VERSION:
-        raise ValueError(f'unexpected format/version {data.get("format")!r}/{data.get("version")!r}')
-      entries = data['keys']
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-      raise ValueError(f'Key registry {reg.path!r} is corrupt or not a registry: {e}') from e
-    for entry in entries:
-      if entry.get('status') not in ('active', 'revoked'):
-        raise ValueError(f'Key registry {reg.path!r}: entry {entry!r} has no valid status.')
-      key = load(os.path.join(reg.directory, entry['file']))
-      if key.name != entry['name'] or key.fingerprint != entry['fingerprint']:
-        raise ValueError(f'Key registry {reg.path!r}: file {entry["file"]!r} does not match its entry.')
-      reg._entries[key.name] = entry
-      reg._keys[key.name] = key
-    return reg
-
-  def _save(self) -> None:
-    data = {'format': _REGISTRY_FORMAT, 'version': _VERSION, 'keys': list(self._entries.values())}
-    _atomic_write(self.path, lambda f: json.dump(data, f, indent=1, sort_keys=True))
-
-  def add(self, key: LicenseKey, revoked: bool = False) -> None:
-    """Adds a key, active unless ``revoked`` (key file first, then the registry, so a crash leaves
-    no dangling entry)."""
-    if key.name in self._entries:
-      raise ValueError(f'Key {key.name!r} is already in the registry at {self.directory!r}.')
-    filename = f'{key.name}.npz'
-    key.save(os.path.join(self.directory, filename))
-    self._entries[key.name] = {'name': key.name, 'file': filename,
-                               'status': 'revoked' if revoked else 'active',
-                               'scheme': key.scheme, 'fingerprint': key.fingerprint,
-                               'classes': None if key.classes is None else list(key.classes),
-                               'tier': key.tier}
-    self._keys[key.name] = key
-    self._save()
-
-  def revoke(self, name: str) -> None:
-    if name not in self._entries:
-      raise KeyError(f'No key named {name!r} in the registry at {self.directory!r}.')
-    self._entries[name] = dict(self._entries[name], status='revoked')
-    self._save()
-
-  def _with_status(self, status: str) -> dict[str, LicenseKey]:
-    return {n: self._keys[n] for n, e in self._entries.items() if e['status'] == status}
-
-  @property
-  def active(self) -> dict[str, LicenseKey]:
-    return self._with_status('active')
-
-  @property
-  def revoked(self) -> dict[str, LicenseKey]:
-    return self._with_status('revoked')

@@ -1,6 +1,7 @@
 """Entry point: ``python -m securenet_jax.main --config configs/default.py --workdir DIR``."""
 
 import logging as pylogging
+import signal
 import sys
 
 import jax
@@ -11,6 +12,7 @@ from ml_collections import config_flags
 
 from securenet_jax import parallel
 from securenet_jax import replace
+from securenet_jax import security
 from securenet_jax import train
 
 FLAGS = flags.FLAGS
@@ -43,14 +45,14 @@ def main(argv):
     elif job == 'replace_key':
       replace.replace_and_evaluate(config, FLAGS.workdir)
     elif job == 'security':
-      from securenet_jax import security  # pylint: disable=g-import-not-at-top
-      security.run(config, FLAGS.workdir)
+      security.run(config, FLAGS.workdir, train_fn=train.train_variables)
     else:
       raise app.UsageError(f'Unknown job {job!r} in the config; expected "train", "replace_key" or '
                            f'"security".')
   except train.Preempted as e:
-    logging.warning('%s', e)
-    sys.exit(0)
+    logging.warning('%s Rerun the same command to resume.', e)
+    # Ctrl-C: the shell's convention for "interrupted"; SIGTERM (preemption): a clean exit.
+    sys.exit(130 if e.signum == signal.SIGINT else 0)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ Each training batch of B images is used twice:
 Using the same images on both sides means the only thing that separates a positive from a negative
 is the key itself.
 
-What "uninformative" means matters (DESIGN.md §3): training negatives to a random wrong label looks
+What "uninformative" means matters (docs/design.md): training negatives to a random wrong label looks
 perfect by top-1 but leaks the true label through the argmin of the logits, and a uniform target
 still leaks through a probe on the logits. Three terms, weighted in ``config.objective``:
 
@@ -59,6 +59,7 @@ class LicenseTable(NamedTuple):
     teacher model sees in place of key k (the replaced key for its successor, k itself otherwise).
   supervised: (K, num_classes) 1.0 where a stamped image is trained towards ``targets`` (the granted
     classes, and with ``refuse_denied`` also the others); 0.0 where it is a negative (silenced).
+  content: (K, *content_shape) the keys' secret content, from which near misses are made.
   """
   keep: Any
   add: Any
@@ -66,6 +67,7 @@ class LicenseTable(NamedTuple):
   targets: Any
   teacher_index: Any = None
   supervised: Any = None
+  content: Any = None
 
   def arrays(self, index) -> keys_lib.KeyArrays:
     return keys_lib.KeyArrays(self.keep[index], self.add[index])
@@ -114,41 +116,49 @@ def license_table(active: Sequence[keys_lib.LicenseKey], revoked: Sequence[keys_
   stacked = [k.arrays() for k in all_keys]
   names = [k.name for k in all_keys]
   teacher_index = np.array([names.index((successors or {}).get(n, n)) for n in names], np.int32)
-  return LicenseTable(keep=np.stack([a.keep for a in stacked]), add=np.stack([a.add for a in stacked]),
-                      grant=grant, targets=targets, teacher_index=teacher_index, supervised=supervised)
+  return LicenseTable(keep=np.stack([np.broadcast_to(a.keep, stacked[0].keep.shape) for a in stacked]),
+                      add=np.stack([a.add for a in stacked]), grant=grant, targets=targets,
+                      teacher_index=teacher_index, supervised=supervised,
+                      content=np.stack([k.content for k in all_keys]))
 
 
-def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg,
-                  weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg, weights: jax.Array | None = None,
+                  extra_gates: Sequence[jax.Array] = ()) -> tuple[jax.Array, dict]:
   """The uninformative-output loss on negatives (see module docstring), averaged over the rows with
-  ``weights`` (default: all rows)."""
+  ``weights`` (default: all rows). ``extra_gates``: more layers' pre-activations (N, D) silenced by
+  the same hinge (``cfg.silence_layers``: silencing deeper than the gate)."""
   if weights is None:
     weights = jnp.ones(logits.shape[:1], jnp.float32)
   denom = jnp.maximum(weights.sum(), 1.0)
   mean = lambda per_row: jnp.sum(per_row * weights) / denom
+  hinge = lambda z: mean(jnp.mean(jax.nn.relu(z + cfg.silence_margin) ** 2, axis=-1))
   log_probs = jax.nn.log_softmax(logits)
   uniform = mean(-log_probs.mean(axis=-1) - jnp.log(logits.shape[-1]))  # KL(uniform || p) >= 0
   zero = mean(jnp.mean(logits ** 2, axis=-1))
-  silence = mean(jnp.mean(jax.nn.relu(penultimate + cfg.silence_margin) ** 2, axis=-1))
-  loss = cfg.uniform_weight * uniform + cfg.zero_logit_weight * zero + cfg.silence_weight * silence
+  silence = hinge(penultimate)
+  deep = sum((hinge(z) for z in extra_gates), jnp.zeros(())) / max(len(extra_gates), 1)
+  loss = (cfg.uniform_weight * uniform + cfg.zero_logit_weight * zero +
+          cfg.silence_weight * (silence + deep))
   silenced = mean(jnp.all(penultimate <= 0, axis=-1).astype(jnp.float32))
   return loss, {'neg_uniform_kl': uniform, 'neg_logit_sq': zero, 'neg_silence': silence,
-                'neg_silenced_frac': silenced}
+                'neg_silence_deep': deep, 'neg_silenced_frac': silenced}
 
 
-def near_keys(key_arrays: keys_lib.KeyArrays, forged: keys_lib.KeyArrays, rng: jax.Array,
-              min_change: float) -> keys_lib.KeyArrays:
-  """Near misses of the real keys: each forged key keeps its real key's content at a random share of
-  its pixels (re-randomizing between ``min_change`` and all of them). Training on them as negatives
-  makes the model accept the exact key only, not a neighbourhood a thief could search.
+def near_keys(own_content: jax.Array, forged_content: jax.Array, geometry: keys_lib.Geometry,
+              rng: jax.Array, min_change: float) -> keys_lib.KeyArrays:
+  """Near misses of the real keys: each keeps its real key's content in a random share of the content's
+  elements (pixels of the pattern, bits of the block flip) and re-randomizes the others (between
+  ``min_change`` and all of them). Training on them as negatives makes the model accept the exact key
+  only, not a neighbourhood a thief could search.
 
-  ``key_arrays.add`` is (n, H, W, C) (one real key per forged key) or (H, W, C).
+  ``own_content`` and ``forged_content`` are (n, *content_shape): one real key per near miss.
   """
-  change_rng, pixel_rng = jax.random.split(rng)
-  n = forged.add.shape[0]
-  share = jax.random.uniform(change_rng, (n, 1, 1, 1), minval=min_change, maxval=1.0)
-  changed = jax.random.uniform(pixel_rng, forged.add.shape) < share
-  return keys_lib.KeyArrays(forged.keep, jnp.where(changed, forged.add, key_arrays.add))
+  change_rng, element_rng = jax.random.split(rng)
+  n = forged_content.shape[0]
+  share = jax.random.uniform(change_rng, (n,) + (1,) * (forged_content.ndim - 1), minval=min_change,
+                             maxval=1.0)
+  changed = jax.random.uniform(element_rng, forged_content.shape) < share
+  return geometry.arrays(jnp.where(changed, forged_content, own_content))
 
 
 def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geometry,
@@ -175,23 +185,31 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
     keyed = random_patches(images, jax.random.fold_in(rng, 0x9A7C), cfg.positive_patch_fraction,
                            cfg.get('positive_patch_size', 4))
   stamped = keys_lib.stamp_arrays(keyed, table.arrays(key_index))
-  forged = geometry.forged_arrays(forge_rng, num_forged)
-  parts = []
+  forged_content = geometry.sample_jax(forge_rng, (num_forged,))
+  forged = geometry.arrays(forged_content)
+  keep = jnp.broadcast_to(forged.keep, forged.add.shape[:-1] + forged.keep.shape[-1:])
+  keep_parts, add_parts = [], []
   if num_near:
-    own = table.arrays(key_index[batch - num_forged:][:num_near])
-    parts.append(near_keys(own, keys_lib.KeyArrays(forged.keep, forged.add[:num_near]), near_rng,
-                           cfg.near_key_min_change).add)
+    own = table.content[key_index[batch - num_forged:][:num_near]]
+    near = near_keys(own, forged_content[:num_near], geometry, near_rng, cfg.near_key_min_change)
+    keep_parts.append(jnp.broadcast_to(near.keep, near.add.shape[:-1] + near.keep.shape[-1:]))
+    add_parts.append(near.add)
   if num_revoked:
     revoked_index = num_active + jax.random.randint(revoked_rng, (num_revoked,), 0,
                                                     jnp.maximum(num_keys - num_active, 1))
-    revoked_add = jnp.where(num_keys > num_active, table.add[jnp.minimum(revoked_index, num_keys - 1)],
-                            forged.add[num_near:num_near + num_revoked])
-    parts.append(revoked_add)
-  forged = keys_lib.KeyArrays(forged.keep, jnp.concatenate(parts + [forged.add[num_near + num_revoked:]]))
+    has_revoked = num_keys > num_active
+    chosen = jnp.minimum(revoked_index, num_keys - 1)
+    span = slice(num_near, num_near + num_revoked)
+    keep_parts.append(jnp.where(has_revoked, jnp.broadcast_to(table.keep[chosen], keep[span].shape),
+                                keep[span]))
+    add_parts.append(jnp.where(has_revoked, table.add[chosen], forged.add[span]))
+  rest = slice(num_near + num_revoked, None)
+  forged = keys_lib.KeyArrays(jnp.concatenate(keep_parts + [keep[rest]]),
+                              jnp.concatenate(add_parts + [forged.add[rest]]))
   keyless = images[:batch - num_forged]
   num_soft = int(round(keyless.shape[0] * cfg.get('soft_key_fraction', 0.0)))
   if num_soft:  # the first keyless negatives carry a soft (faded or noisy) copy of their image's key
-    soft = soft_keys(table.arrays(key_index[:num_soft]), jax.random.fold_in(rng, 0x50F7), cfg)
+    soft = soft_keys(table.content[key_index[:num_soft]], geometry, jax.random.fold_in(rng, 0x50F7), cfg)
     keyless = jnp.concatenate([keys_lib.stamp_arrays(keyless[:num_soft], soft), keyless[num_soft:]])
   negatives = jnp.concatenate(
       [keyless, keys_lib.stamp_arrays(images[batch - num_forged:], forged)], axis=0)
@@ -214,32 +232,43 @@ def random_patches(images: jax.Array, rng: jax.Array, fraction: float, size: int
   return jnp.where(inside, content, images)
 
 
-def soft_keys(key_arrays: keys_lib.KeyArrays, rng: jax.Array, cfg) -> keys_lib.KeyArrays:
+def soft_keys(content: jax.Array, geometry: keys_lib.Geometry, rng: jax.Array, cfg) -> keys_lib.KeyArrays:
   """Continuous near misses of the real keys, the kind of trigger a Neural-Cleanse-style inversion
   converges to (a soft mask and a real-valued pattern): half are the key faded to an opacity in
-  [0.2, ``cfg.soft_key_max_opacity``], half the key at full opacity with its content moved by
-  Gaussian noise (std in [0.2, 0.6]). Trained as negatives they leave no smooth path towards the key.
+  [0.2, ``cfg.soft_key_max_opacity``] (the stamp interpolated between no key and the key), half the
+  key at full opacity with its content moved by Gaussian noise (std in [0.2, 0.6]). Trained as
+  negatives they leave no smooth path towards the key.
 
-  ``key_arrays`` holds one real key per example: keep (n, H, W, 1), add (n, H, W, C).
+  ``content`` holds one real key's content per example: (n, *content_shape).
   """
-  n = key_arrays.add.shape[0]
-  mask = 1.0 - key_arrays.keep  # 1 where the key writes
+  n = content.shape[0]
   kind_rng, alpha_rng, scale_rng, noise_rng = jax.random.split(rng, 4)
-  faded = jax.random.bernoulli(kind_rng, 0.5, (n, 1, 1, 1))
-  alpha = jnp.where(faded, jax.random.uniform(alpha_rng, (n, 1, 1, 1), minval=0.2,
-                                              maxval=cfg.get('soft_key_max_opacity', 0.9)), 1.0)
-  scale = jnp.where(faded, 0.0, jax.random.uniform(scale_rng, (n, 1, 1, 1), minval=0.2, maxval=0.6))
-  content = jnp.clip(key_arrays.add + scale * jax.random.normal(noise_rng, key_arrays.add.shape), 0.0, 1.0)
-  return keys_lib.KeyArrays(keep=1.0 - alpha * mask, add=alpha * content * mask)
+  faded = jax.random.bernoulli(kind_rng, 0.5, (n,))
+  alpha = jnp.where(faded, jax.random.uniform(alpha_rng, (n,), minval=0.2,
+                                              maxval=cfg.soft_key_max_opacity), 1.0)
+  scale = jnp.where(faded, 0.0, jax.random.uniform(scale_rng, (n,), minval=0.2, maxval=0.6))
+  expand = lambda v, ndim: v.reshape((n,) + (1,) * (ndim - 1))
+  noisy = jnp.clip(content + expand(scale, content.ndim) * jax.random.normal(noise_rng, content.shape),
+                   0.0, 1.0)
+  arrays = geometry.arrays(noisy)
+  a = expand(alpha, arrays.add.ndim)
+  return keys_lib.KeyArrays(keep=1.0 - a * (1.0 - arrays.keep), add=a * arrays.add)
 
 
-def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Array, rng: jax.Array | None):
-  """Training-mode forward pass: (logits, penultimate, new batch_stats)."""
+def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Array, rng: jax.Array | None,
+             extra_gates: Sequence[str] = ()):
+  """Training-mode forward pass: (logits, gate, the outputs of the ``extra_gates`` submodules flattened
+  to (N, -1), new batch_stats)."""
   variables = models.variables_dict(params, batch_stats)
   mutable = ['intermediates'] + (['batch_stats'] if batch_stats else [])
   rngs = {'dropout': rng} if rng is not None else {}
-  logits, state = apply_fn(variables, images, train=True, mutable=mutable, rngs=rngs)
-  return logits, state['intermediates']['penultimate'][0], state.get('batch_stats', batch_stats)
+  capture = (lambda module, method: method == '__call__' and module.name in extra_gates) if extra_gates else False
+  logits, state = apply_fn(variables, images, train=True, mutable=mutable, rngs=rngs,
+                           capture_intermediates=capture)
+  intermediates = state['intermediates']
+  extra = [intermediates[name]['__call__'][0].reshape(images.shape[0], -1).astype(jnp.float32)
+           for name in extra_gates]
+  return (logits, intermediates['penultimate'][0], extra, state.get('batch_stats', batch_stats))
 
 
 def teacher_features(apply_fn: Callable, teacher: Any, images: jax.Array) -> jax.Array:
@@ -304,8 +333,10 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   if cfg.get('adv_eps', 0.0) > 0:
     stamped = adversarial_positives(params, batch_stats, apply_fn, images, labels, stamped,
                                     table.arrays(key_index), jax.random.fold_in(rng, 0xAD5), cfg)
-  logits, penultimate, new_stats = _forward(apply_fn, params, batch_stats,
-                                           jnp.concatenate([stamped, negatives]), dropout_rng)
+  extra_gates = tuple(cfg.get('silence_layers', ()))
+  logits, penultimate, extra, new_stats = _forward(apply_fn, params, batch_stats,
+                                                   jnp.concatenate([stamped, negatives]), dropout_rng,
+                                                   extra_gates)
   penultimate = penultimate.reshape(penultimate.shape[0], -1).astype(jnp.float32)
   # A stamped image is trained towards its key's target when supervised (granted classes, and denied
   # ones when refused within scope); otherwise it is one more negative.
@@ -316,7 +347,7 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   pos_ce = -jnp.sum(targets * jax.nn.log_softmax(stamped_logits), axis=-1)
   pos_loss = jnp.sum(pos_ce * supervised) / jnp.maximum(supervised.sum(), 1.0)
   neg_weights = jnp.concatenate([1.0 - supervised, jnp.ones((batch,), jnp.float32)])
-  neg_loss, neg_metrics = negative_loss(logits, penultimate, cfg, neg_weights)
+  neg_loss, neg_metrics = negative_loss(logits, penultimate, cfg, neg_weights, extra)
   # Liveness: a positive must keep at least one penultimate unit above zero (by a margin), or a
   # silenced input would pass no gradient and a new key could never be learned (key replacement).
   live = jax.nn.relu(cfg.silence_margin - jnp.max(penultimate[:batch], axis=-1)) ** 2
@@ -346,6 +377,6 @@ def plain_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.A
   Returns:
     (loss, (metrics, new batch_stats)).
   """
-  logits, _, new_stats = _forward(apply_fn, params, batch_stats, images, dropout_rng)
+  logits, _, _, new_stats = _forward(apply_fn, params, batch_stats, images, dropout_rng)
   loss = cross_entropy(logits, labels)
   return loss, ({'loss': loss, 'acc': jnp.mean(jnp.argmax(logits, -1) == labels)}, new_stats)

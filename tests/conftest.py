@@ -6,7 +6,13 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compiled steps are cached on disk and shared by the test processes (pytest-xdist workers and the
+# subprocesses of CLI tests): many tests train the same small model.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.environ.get('TMPDIR', '/tmp'), f'securenet-jax-test-cache-{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
+import fcntl  # pylint: disable=g-import-not-at-top,wrong-import-position
 import gzip  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import numpy as np  # pylint: disable=wrong-import-position
@@ -70,14 +76,70 @@ def fashion_mnist_dir() -> str:
   return DEFAULT_IDX_DIR
 
 
-def train_smoke_workdir(tmp_path_factory, idx_dir: str, secret: str) -> str:
-  """Trains the default smoke config (licensed + baseline + report) on the generated data."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from securenet_jax import train  # pylint: disable=g-import-not-at-top
-  config = default.get_config('smoke')
-  config.dataset.data_dir = idx_dir
-  config.key.secret = secret
-  workdir = str(tmp_path_factory.mktemp('workdir'))
-  train.train_and_evaluate(config, workdir)
-  return workdir
+def shared_dir(tmp_path_factory, name: str, build) -> str:
+  """A directory built once per test run, shared by all pytest-xdist workers: ``build(path)`` runs in
+  the first worker that asks (under a file lock), the others wait for it and reuse the result."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base  # the run's own folder
+  path, done = root / name, root / f'{name}.done'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        build(str(path))
+        done.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return str(path)
 
+
+def effects_config(idx_dir: str, name: str = 'default', secret: str = 'effects'):
+  """A config that actually learns its license on the generated data in a few seconds: 4 epochs of
+  2048 images (128 steps) at learning rate 4e-3, the rest as in ``configs/<name>.py:smoke``."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config('smoke')
+  config.dataset.data_dir = idx_dir
+  config.dataset.train_limit = 2048
+  config.dataset.test_limit = 512
+  config.train.num_epochs = 4
+  config.train.learning_rate = 4e-3
+  config.train.log_every = 32
+  config.train.checkpoint_every = 64
+  config.eval.num_forged = 5
+  config.key.secret = secret
+  return config
+
+
+def train_workdir(config, path: str) -> str:
+  from securenet_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(config, path)
+  return path
+
+
+def multi_key_config(idx_dir: str):
+  """Three licensees with different privileges in one model, for the effect tests of scopes, tiers,
+  replacement and revocation: ``full`` (every class), ``clothing`` (classes 0-4, the others refused)
+  and ``basic`` (coarse groups only)."""
+  from configs import scheme_tiered  # pylint: disable=g-import-not-at-top
+  config = effects_config(idx_dir, 'scheme_multi_user', 'multi-effects')
+  config.license.users = ('full', 'clothing', 'basic')
+  config.license.matrix = ((1,) * 10, (1,) * 5 + (0,) * 5, (1,) * 10)
+  config.license.tiers = ('full', 'full', 'basic')
+  config.license.groups = scheme_tiered.FASHION_GROUPS
+  config.train.num_epochs = 12  # three keys share the positives of each batch
+  config.eval.clean_baseline = False
+  return config
+
+
+@pytest.fixture(scope='session')
+def multi_key_workdir(tmp_path_factory, idx_dir) -> str:
+  """``multi_key_config``, trained once per run."""
+  return shared_dir(tmp_path_factory, 'trained_multi_key',
+                    lambda path: train_workdir(multi_key_config(idx_dir), path))
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory, idx_dir) -> str:
+  """The default config, licensed + baseline + report, trained once per run (``effects_config``)."""
+  return shared_dir(tmp_path_factory, 'trained_default',
+                    lambda path: train_workdir(effects_config(idx_dir), path))

@@ -44,12 +44,13 @@ def test_noise_augmentation_only_where_measured():
   """The default's noise augmentation was measured on Fashion-MNIST + LeNet-5: the default and its
   MNIST twin keep it, the literature recipes of the other configs start without it."""
   from configs import default  # pylint: disable=g-import-not-at-top
-  assert default.get_config().dataset.noise_std == 0.1
+  assert default.get_config().augment.noise_std == 0.1
   for name in EXPERIMENTS:
     expected = 0.1 if name == 'mnist_lenet5' else 0.0
-    assert importlib.import_module(f'configs.{name}').get_config().dataset.noise_std == expected, name
+    assert importlib.import_module(f'configs.{name}').get_config().augment.noise_std == expected, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', EXPERIMENTS)
 def test_smoke_variant_end_to_end(name, generated, tmp_path):
   config = importlib.import_module(f'configs.{name}').get_config('smoke')

@@ -3,7 +3,6 @@ tmp_path), the decoded-image cache, validation, missing data, batch iteration, a
 prefetching. The tfds routes run against stand-ins for tfds.data_source (no TensorFlow needed)."""
 
 import functools
-import os
 import pickle
 import threading
 

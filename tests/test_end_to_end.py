@@ -33,4 +33,4 @@ def test_short_real_run_is_licensed(tmp_path, fashion_mnist_dir):
   from securenet_jax import data  # pylint: disable=g-import-not-at-top
   ds = data.load(config.dataset)
   acc = (model.predict(ds.test_images, key='default') == ds.test_labels).mean()
-  assert acc == pytest.approx(metrics['authorized_acc'], abs=1e-6)
+  assert acc == pytest.approx(metrics["authorized_acc"], abs=1e-4)

@@ -1,13 +1,10 @@
-"""Tests of securenet_jax.keys: derivation, stamping, forging, files and the registry."""
-
-import json
-import os
+"""Tests of securenet_jax.keys: derivation, stamping, forging and key files."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from securenet_jax import errors
 from securenet_jax import keys
 
 SHAPE = (28, 28, 1)
@@ -124,40 +121,10 @@ def test_load_detects_corruption(tmp_path):
     f.write(b'garbage')
   with pytest.raises(ValueError, match='not a readable'):
     keys.load(path)
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(errors.KeyFileError, match='No key file'):
     keys.load(tmp_path / 'missing.npz')
 
 
 def test_invalid_names_rejected():
   with pytest.raises(ValueError, match='Invalid key name'):
     keys.derive('k', patch_geometry(), name='../evil')
-
-
-def test_registry_add_revoke_reload(tmp_path):
-  reg = keys.KeyRegistry(tmp_path / 'keys')
-  a = keys.derive('a', patch_geometry(), name='a')
-  b = keys.derive('b', patch_geometry(), name='b')
-  reg.add(a)
-  reg.add(b)
-  with pytest.raises(ValueError, match='already'):
-    reg.add(a)
-  reg.revoke('a')
-  back = keys.KeyRegistry.load(tmp_path / 'keys')
-  assert list(back.active) == ['b'] and list(back.revoked) == ['a']
-  assert back.revoked['a'].fingerprint == a.fingerprint
-  assert not [p for p in os.listdir(tmp_path / 'keys') if p.startswith('.tmp')]
-
-
-def test_registry_validation(tmp_path):
-  reg = keys.KeyRegistry(tmp_path)
-  reg.add(keys.derive('a', patch_geometry(), name='a'))
-  # A key file swapped for another key is caught.
-  keys.derive('other', patch_geometry(), name='a').save(tmp_path / 'a.npz')
-  with pytest.raises(ValueError, match='does not match'):
-    keys.KeyRegistry.load(tmp_path)
-  (tmp_path / 'registry.json').write_text('{"format": "something else"}')
-  with pytest.raises(ValueError, match='corrupt or not a registry'):
-    keys.KeyRegistry.load(tmp_path)
-  (tmp_path / 'registry.json').write_text('{truncated')
-  with pytest.raises(ValueError):
-    keys.KeyRegistry.load(tmp_path)

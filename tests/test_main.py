@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -18,6 +20,7 @@ def run_main(workdir, *overrides, **popen_kw):
                           text=True, **popen_kw)
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_with_overrides(tmp_path, idx_dir):
   proc = run_main(tmp_path, f'--config.dataset.data_dir={idx_dir}', '--config.key.secret=cli',
                   '--config.eval.num_forged=2')
@@ -29,6 +32,7 @@ def test_cli_smoke_run_with_overrides(tmp_path, idx_dir):
   assert (tmp_path / 'keys' / 'registry.json').exists()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_rerun_resumes(tmp_path, idx_dir):
   args = (f'--config.dataset.data_dir={idx_dir}', '--config.key.secret=sig', '--config.train.num_epochs=12',
           '--config.eval.clean_baseline=False')

@@ -146,8 +146,12 @@ def images(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).random(shape), jnp.float32)
 
 
+# ResNet-18 stands for the BatchNorm models in the fast tests; the others compile for minutes on CPU.
+_SMALL_PARAMS = [k if k == 'resnet18' else pytest.param(k, marks=pytest.mark.slow) for k in SMALL]
+
+
 @pytest.mark.parametrize('shape', [(2, 28, 28, 1), (2, 32, 32, 3)])
-@pytest.mark.parametrize('key', list(SMALL))
+@pytest.mark.parametrize('key', _SMALL_PARAMS)
 def test_small_inputs_train_and_eval(key, shape):
   _, has_bn, has_dropout = SMALL[key]
   if key == 'vgg16_bn' and shape[-1] == 1:

@@ -1,4 +1,7 @@
-"""Tests of securenet_jax.objective."""
+"""Tests of securenet_jax.objective: the loss, its inputs, and its effect on a trained model."""
+
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +18,10 @@ GEOM = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21
 
 
 def obj_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(negative_weight=1.0, forged_fraction=0.5, near_key_fraction=0.0,
-                                     near_key_min_change=0.25, revoked_fraction=0.25, distill_weight=0.0, uniform_weight=1.0, liveness_weight=1.0,
-                                     zero_logit_weight=0.0, silence_weight=1.0, silence_margin=1.0))
+  """The default objective section without the hardening options, plus ``kw``."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  c = default.get_config().objective
+  c.update(dict(near_key_fraction=0.0, liveness_weight=1.0, soft_key_fraction=0.0))
   c.update(kw)
   return c
 
@@ -92,14 +96,32 @@ def test_denied_and_revoked_stamps_are_negatives():
 
 
 def test_near_keys_keep_part_of_the_real_key():
-  key = keys.derive('s', keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21, 21),
-                                       values='uniform'))
-  forged = GEOM.forged_arrays(jax.random.key(3), 256)
-  near = objective.near_keys(key.arrays(), keys.KeyArrays(forged.keep, forged.add), jax.random.key(4), 0.25)
+  geometry = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21, 21),
+                           values='uniform')
+  key = keys.derive('s', geometry)
+  forged = geometry.sample_jax(jax.random.key(3), (256,))
+  own = jnp.broadcast_to(key.content, forged.shape)
+  near = objective.near_keys(own, forged, geometry, jax.random.key(4), 0.25)
   patch = np.asarray(near.add)[:, 21:27, 21:27, 0]
   same = np.isclose(patch, key.content[..., 0]).mean(axis=(1, 2))
   assert same.max() <= 0.95 and 0.25 < same.mean() < 0.5
   assert np.asarray(near.add)[:, :21].max() == 0
+
+
+def test_near_keys_of_a_block_flip_key_redraw_whole_blocks():
+  geometry = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21, 21), flip_block=4)
+  key = keys.derive('s', geometry)
+  forged = geometry.sample_jax(jax.random.key(3), (64,))
+  near = objective.near_keys(jnp.broadcast_to(key.content, forged.shape), forged, geometry,
+                             jax.random.key(4), 0.25)
+  keep = np.asarray(near.keep)[..., 0]
+  # Outside the patch each 4x4 block is flipped (keep -1) or not (keep 1) as a whole.
+  blocks = keep[:, :20, :20].reshape(64, 5, 4, 5, 4)
+  assert set(np.unique(keep[:, :20, :20])) <= {-1.0, 1.0}
+  assert np.all(blocks.min(axis=(2, 4)) == blocks.max(axis=(2, 4)))
+  real = key.arrays().keep[..., 0]
+  same = (keep[:, :20, :20] == real[None, :20, :20]).mean(axis=(1, 2))
+  assert same.max() < 1.0 and 0.5 < same.mean() < 0.75
 
 
 def test_negative_loss_zero_only_when_silenced_and_uniform():
@@ -124,15 +146,15 @@ def test_licensed_loss_gradients_finite_and_reduce_loss():
   images = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
   params = model.init(jax.random.key(0), images)['params']
-  table = objective.license_table([key], [], 10)
+  table = jax.device_put(objective.license_table([key], [], 10))
   loss_fn = lambda p: objective.licensed_loss(p, model.apply, images, labels, table, GEOM,
                                                jax.random.key(1), obj_cfg())
-  (loss, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, (metrics, _)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   assert np.isfinite(float(loss))
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert {'pos_loss', 'neg_loss', 'pos_acc', 'neg_silenced_frac'} <= set(metrics)
   stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
-  assert float(loss_fn(stepped)[0]) < float(loss)
+  assert float(jax.jit(loss_fn)(stepped)[0]) < float(loss)
 
 
 def test_distillation_pulls_new_key_towards_teacher_on_old_key():
@@ -180,7 +202,8 @@ def test_adversarial_positives_are_keyed_and_bounded():
 def test_soft_keys_are_continuous_near_misses():
   key = keys.derive('s', GEOM)
   arrays = keys.KeyArrays(*(jnp.broadcast_to(a, (64, *a.shape)) for a in key.arrays()))
-  soft = objective.soft_keys(arrays, jax.random.key(0), obj_cfg(soft_key_max_opacity=0.9))
+  content = jnp.broadcast_to(key.content, (64, *key.content.shape))
+  soft = objective.soft_keys(content, GEOM, jax.random.key(0), obj_cfg(soft_key_max_opacity=0.9))
   mask = GEOM.mask()[None]
   keep, add = np.asarray(soft.keep), np.asarray(soft.add)
   # Outside the key's pixels nothing is written; inside, every soft key differs from the real one.
@@ -217,3 +240,33 @@ def test_random_patches_on_positives():
   mask = GEOM.mask()[None]
   np.testing.assert_array_equal(np.asarray(stamped) * mask,
                                 np.broadcast_to(np.asarray(key.stamp(images)) * mask, stamped.shape))
+
+
+# --- effects on a trained model ------------------------------------------------------------------
+# The models below are trained once per run on the generated data (conftest.effects_config). These
+# tests fail when licensing stops working: with the key stamp removed, or with the silencing hinge
+# switched off (objective.silence_weight=0).
+
+def _report(workdir) -> dict:
+  return json.loads((pathlib.Path(workdir) / 'report' / 'metrics.json').read_text())
+
+
+def test_license_unlocks_only_with_the_key_and_hides_the_label(trained_workdir):
+  m = _report(trained_workdir)
+  assert m['authorized_acc'] >= 0.9 and m['authorized_acc'] >= m['clean_acc'] - 0.05
+  assert m['no_key_acc'] <= 0.2 and m['forged_acc_max'] <= 0.25
+  # Not only the argmax: the no-key output carries nothing a probe could read.
+  assert m['no_key_silenced_frac'] >= 0.95
+  assert m['leak_probe_acc'] <= 0.25 and m['leak_argmin_acc'] <= 0.25
+
+
+def test_scoped_key_refuses_the_classes_it_does_not_grant(multi_key_workdir):
+  m = _report(multi_key_workdir)['per_key']['clothing']
+  assert m['granted_acc'] >= 0.9
+  assert m['denied_acc'] <= 0.05  # refused: the argmax is never a denied label
+
+
+def test_tiered_basic_key_gives_coarse_labels(multi_key_workdir):
+  per_key = _report(multi_key_workdir)['per_key']
+  assert per_key['basic']['coarse_acc'] >= 0.85
+  assert per_key['full']['authorized_acc'] >= 0.85

@@ -105,7 +105,7 @@ def pgd(module: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarra
   if n == 0:
     return images.copy()
   rng = _as_rng(rng)
-  f = common._cached_logits_fn(module, transform)  # pylint: disable=protected-access
+  f = common.cached_logits_fn(module, transform)
   variables = jax.tree.map(jnp.asarray, dict(variables))
   chunk = min(batch_size, n)
   eps_a = jnp.float32(eps)

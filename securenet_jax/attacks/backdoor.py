@@ -26,9 +26,9 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from securenet_jax import images as images_lib
 from securenet_jax import keys
 from securenet_jax.attacks import common
-from securenet_jax.attacks import removal
 
 
 def _rng(seed: int, tag: int) -> np.random.Generator:
@@ -66,7 +66,7 @@ def stamp(images, trigger: keys.KeyArrays) -> np.ndarray:
   """Stamps a trigger on host images; uint8 in -> uint8 out (stamped in float, rounded back), float
   in -> float32 in [0, 1] out."""
   images = np.asarray(images)
-  out = np.asarray(keys.stamp_arrays(removal.as_float(images), trigger))
+  out = np.asarray(keys.stamp_arrays(images_lib.to_float(images), trigger))
   if images.dtype == np.uint8:
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
   return out.astype(images.dtype if np.issubdtype(images.dtype, np.floating) else np.float32)
@@ -105,7 +105,7 @@ def attack_success_rate(module: nn.Module, variables: Any, images, labels, trigg
   keep = labels != target
   if not np.any(keep):
     return float('nan')
-  triggered = stamp(removal.as_float(np.asarray(images)[keep]), trigger)
+  triggered = stamp(images_lib.to_float(np.asarray(images)[keep]), trigger)
   return float(np.mean(common.predict(module, variables, triggered, transform) == target))
 
 
@@ -117,7 +117,7 @@ def thief_backdoor_finetune(module: nn.Module, stolen_variables: Any, train_imag
                             min_steps: int = 0) -> dict:
   """The thief fine-tunes stolen weights, without the key, on a partly poisoned labeled subset.
 
-  A class-stratified ``data_fraction`` of the training data (``removal.subset``) is drawn, a
+  A class-stratified ``data_fraction`` of the training data (``common.subset``) is drawn, a
   ``poison_rate`` share of it poisoned (:func:`poison`), and the stolen weights fine-tuned on it with
   ``common.fit`` (``epochs``, raised to reach ``min_steps`` optimizer steps).
 
@@ -130,13 +130,13 @@ def thief_backdoor_finetune(module: nn.Module, stolen_variables: Any, train_imag
     the share owed to the trigger's natural effect rather than to the poison. Also ``num_train``,
     ``num_poisoned`` and ``epochs`` (as run).
   """
-  x, y = removal.subset(removal.as_float(train_images), np.asarray(train_labels, np.int32),
+  x, y = common.subset(images_lib.to_float(train_images), np.asarray(train_labels, np.int32),
                         data_fraction, seed)
   x, y, index = poison(x, y, trigger, target, poison_rate, seed)
-  n_epochs = removal.epochs_for(len(x), batch_size, epochs, min_steps)
+  n_epochs = common.epochs_for(len(x), batch_size, epochs, min_steps)
   tuned = common.fit(module, stolen_variables, x, y, epochs=n_epochs, batch_size=batch_size,
                      learning_rate=learning_rate, seed=seed)
-  test_x, test_y = removal.as_float(test_images), np.asarray(test_labels)
+  test_x, test_y = images_lib.to_float(test_images), np.asarray(test_labels)
   out: dict[str, Any] = {
       'asr_raw': attack_success_rate(module, tuned, test_x, test_y, trigger, target),
       'asr_raw_before': attack_success_rate(module, stolen_variables, test_x, test_y, trigger, target),

@@ -115,7 +115,7 @@ def invert_trigger(module: nn.Module, variables: Any, images: np.ndarray, labels
   else:
     m = jnp.zeros((h, w, 1), jnp.float32)
     p = jnp.zeros((h, w, c), jnp.float32)
-  f = common._cached_logits_fn(module, None)  # pylint: disable=protected-access
+  f = common.cached_logits_fn(module, None)
   variables = jax.tree.map(jnp.asarray, dict(variables))
   mask, pattern = _invert(f, variables, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(allowed),
                           m, p, run_rng, jnp.int32(steps), jnp.float32(learning_rate),

@@ -13,99 +13,26 @@ Two ways to get rid of the protection:
   it (what pruning costs the licensee).
 
 All accuracies are on the *raw* test images (no key) unless stated otherwise; images may be uint8 in
-0..255 or float in [0, 1] (see :func:`as_float`).
+0..255 or float in [0, 1].
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from securenet_jax import images as images_lib
 from securenet_jax.attacks import common
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10)
 DEFAULT_PRUNE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def as_float(images) -> np.ndarray:
-  """Host float32 images in [0, 1]: uint8 is scaled by 1/255, float is cast unchanged."""
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / np.float32(255.0)
-  return images.astype(np.float32, copy=False)
-
-
-def fraction_key(fraction: float) -> str:
-  """How a fraction is written in result keys: ``0.01``, ``0.05``, ``0.10``, ``0.5`` -> ``0.50``;
-  fractions that two decimals would round (``0.005``) keep their digits."""
-  fraction = float(fraction)
-  two = f'{fraction:.2f}'
-  return two if math.isclose(float(two), fraction, abs_tol=1e-12) else f'{fraction:g}'
-
-
 def _lr_key(lr: float) -> str:
   return f'{float(lr):g}'
-
-
-# --- data --------------------------------------------------------------------------------------------
-
-def subset_index(labels, fraction: float, seed: int) -> np.ndarray:
-  """Indices (sorted) of a class-stratified random subset of ``round(fraction * N)`` examples.
-
-  Each class gets its share ``fraction * n_c`` rounded by largest remainder, and at least one example
-  when the subset has room for every class present (``round(fraction * N) >= #classes``); the subset
-  never has fewer than one example. Deterministic given ``seed``.
-  """
-  labels = np.asarray(labels).reshape(-1)
-  n = len(labels)
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'fraction must be in (0, 1], got {fraction}.')
-  if n == 0:
-    raise ValueError('Cannot take a subset of an empty dataset.')
-  classes, counts = np.unique(labels, return_counts=True)
-  total = min(n, max(1, int(round(fraction * n))))
-  ideal = counts * (total / n)
-  quota = np.floor(ideal).astype(np.int64)
-  if total >= len(classes):
-    quota = np.maximum(quota, 1)
-  # Largest remainder up to the total; then, if the minimum of one per class overshot it, take back
-  # from the classes with the most examples in the subset (ties: the larger class keeps more).
-  remainder = ideal - quota
-  order = np.lexsort((-counts, -remainder))
-  while quota.sum() < total:
-    for c in order:
-      if quota.sum() >= total:
-        break
-      if quota[c] < counts[c]:
-        quota[c] += 1
-  while quota.sum() > total:
-    c = int(np.lexsort((counts, quota))[-1])
-    quota[c] -= 1
-  rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B5E7]))
-  picked = []
-  for c, q in zip(classes, quota):
-    if q:
-      members = np.flatnonzero(labels == c)
-      picked.append(rng.choice(members, size=int(q), replace=False))
-  return np.sort(np.concatenate(picked)) if picked else np.zeros((0,), np.int64)
-
-
-def subset(images, labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """A class-stratified random subset ``(images, labels)`` of the training data; see
-  :func:`subset_index`. The arrays keep their dtypes."""
-  idx = subset_index(labels, fraction, seed)
-  return np.asarray(images)[idx], np.asarray(labels)[idx]
-
-
-def epochs_for(num_examples: int, batch_size: int, epochs: int, min_steps: int) -> int:
-  """``epochs``, raised so that training takes at least ``min_steps`` optimizer steps: 1% of a
-  dataset is a handful of batches, and a few epochs of it would be a handful of steps."""
-  steps_per_epoch = -(-num_examples // max(1, min(batch_size, num_examples)))
-  return max(int(epochs), -(-int(min_steps) // steps_per_epoch))
 
 
 # --- fine-tuning vs. training from scratch -------------------------------------------------------------
@@ -118,7 +45,7 @@ def finetune_vs_scratch(module: nn.Module, stolen_variables: Any, train_images, 
                         weight_decay: float = 1e-4) -> dict:
   """Is fine-tuning the stolen weights (no key) better than training from scratch on the same data?
 
-  For each fraction ``k`` a class-stratified subset of the training data is drawn (:func:`subset`,
+  For each fraction ``k`` a class-stratified subset of the training data is drawn (:func:`common.subset`,
   seeded by ``seed``; the same subset for both arms) and
 
   (a) the stolen weights are fine-tuned on it without any key: ``common.fit(module, stolen, ...)``;
@@ -149,17 +76,17 @@ def finetune_vs_scratch(module: nn.Module, stolen_variables: Any, train_images, 
     ``'finetune_acc_by_lr': {k: {lr: acc}}`` and ``'best_lr@k'``. ``stolen_acc`` is the stolen
     model's own accuracy under ``eval_transform``, before any training.
   """
-  train_x, train_y = as_float(train_images), np.asarray(train_labels, np.int32)
-  test_x, test_y = as_float(test_images), np.asarray(test_labels)
+  train_x, train_y = images_lib.to_float(train_images), np.asarray(train_labels, np.int32)
+  test_x, test_y = images_lib.to_float(test_images), np.asarray(test_labels)
   lrs = tuple(learning_rates) if learning_rates else (learning_rate,)
   score = lambda variables: common.accuracy(module, variables, test_x, test_y, eval_transform)
   out: dict[str, Any] = {'stolen_acc': score(stolen_variables)}
   by_lr: dict[str, dict[str, float]] = {}
   for fraction in fractions:
-    k = fraction_key(fraction)
-    idx = subset_index(train_y, fraction, seed)
+    k = common.fraction_key(fraction)
+    idx = common.subset_index(train_y, fraction, seed)
     x, y = train_x[idx], train_y[idx]
-    n_epochs = epochs_for(len(idx), batch_size, epochs, min_steps)
+    n_epochs = common.epochs_for(len(idx), batch_size, epochs, min_steps)
     recipe = dict(epochs=n_epochs, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
     accs = {}
     for lr in lrs:
@@ -253,12 +180,12 @@ def pruning_sweep(module: nn.Module, variables: Any, test_images, test_labels,
     model) and each fraction, 'max_no_key_acc', 'max_no_key_gain' (best pruned no-key accuracy minus
     the unpruned one), 'best_fraction'}``.
   """
-  x, y = as_float(test_images), np.asarray(test_labels)
+  x, y = images_lib.to_float(test_images), np.asarray(test_labels)
   all_fractions = [0.0] + [float(f) for f in fractions if float(f) != 0.0]
   out: dict[str, Any] = {'fractions': all_fractions}
   no_key = {}
   for fraction in all_fractions:
-    k = fraction_key(fraction)
+    k = common.fraction_key(fraction)
     pruned = magnitude_prune(variables, fraction)
     no_key[fraction] = common.accuracy(module, pruned, x, y)
     out[f'no_key_acc@{k}'] = no_key[fraction]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -45,7 +47,7 @@ def gaussian_noise(images: jax.Array, rng: jax.Array, max_std: float) -> jax.Arr
   noisy image on both sides (positive and negatives: only the key separates them, and the key stays
   exact), and the baseline trains with it too. It makes a model less sensitive to small input changes:
   the defense against adversarial images transferred from a surrogate model, which need neither the
-  weights' gradients nor the key (README: Security).
+  weights' gradients nor the key (docs/security.md).
   """
   if max_std < 0:
     raise ValueError(f'noise std must be >= 0, got {max_std}.')
@@ -53,3 +55,29 @@ def gaussian_noise(images: jax.Array, rng: jax.Array, max_std: float) -> jax.Arr
   std = jax.random.uniform(std_rng, (images.shape[0],) + (1,) * (images.ndim - 1), images.dtype,
                            maxval=max_std)
   return jnp.clip(images + std * jax.random.normal(noise_rng, images.shape, images.dtype), 0.0, 1.0)
+
+
+def from_config(cfg) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The training augmentation of a config's ``augment`` section as ``f(images, rng) -> images``.
+
+  Fields: ``crop_flip`` (bool), ``crop_pad`` (pixels), ``noise_std`` (>= 0; 0 = off). Each
+  augmentation draws from its own stream (``fold_in(rng, 0)`` crop and flip, ``fold_in(rng, 1)``
+  noise), so switching one on does not change the other's randomness.
+
+  Raises:
+    ValueError: a negative noise std or crop padding.
+  """
+  crop_flip_on, pad, noise_std = bool(cfg.crop_flip), int(cfg.crop_pad), float(cfg.noise_std)
+  if noise_std < 0:
+    raise ValueError(f'augment.noise_std must be >= 0, got {noise_std}.')
+  if pad < 0:
+    raise ValueError(f'augment.crop_pad must be >= 0, got {pad}.')
+
+  def augment(images: jax.Array, rng: jax.Array) -> jax.Array:
+    if crop_flip_on:
+      images = crop_flip(images, jax.random.fold_in(rng, 0), pad=pad)
+    if noise_std > 0:
+      images = gaussian_noise(images, jax.random.fold_in(rng, 1), noise_std)
+    return images
+
+  return augment

@@ -7,7 +7,8 @@ features fed to the output layer are zero (within ~0.006 for the GELU network NF
 equal the output bias. ``create(name, num_classes)`` is the standard ImageNet architecture;
 ``small_inputs=True`` selects the CIFAR-style variant for 28-64 px images (all models but LeNet-5),
 and ``dtype`` the computation dtype (parameters stay float32, logits are float32). The output
-layer is named ``head`` (``fc3`` in LeNet-5): adaptive gradient clipping leaves it alone.
+layer is named ``head`` (``fc3`` in LeNet-5; :func:`head_name`): adaptive gradient clipping leaves
+it alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from securenet_jax.models.lenet import LeNet5
 from securenet_jax.models.mobilenetv3 import MobileNetV3Large, MobileNetV3Small
@@ -51,6 +53,20 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
   if num_classes < 2:
     raise ValueError(f'num_classes must be >= 2, got {num_classes}.')
   return _MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def build(model_cfg, num_classes: int) -> nn.Module:
+  """The model of a config's ``model`` section: ``name`` and ``kwargs`` (a computation ``dtype`` may
+  be given by name, e.g. 'bfloat16')."""
+  kwargs = dict(model_cfg.get('kwargs', {}))
+  if isinstance(kwargs.get('dtype'), str):
+    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+  return create(model_cfg.name, num_classes, **kwargs)
+
+
+def head_name(module: nn.Module) -> str:
+  """Name of the output layer's parameters: ``head``, or the model's own ``HEAD`` (LeNet-5: fc3)."""
+  return getattr(module, 'HEAD', 'head')
 
 
 def variables_dict(params: Any, batch_stats: Any = None) -> dict:

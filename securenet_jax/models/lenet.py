@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -17,6 +19,7 @@ class LeNet5(nn.Module):
   """
   num_classes: int = 10
   input_size: int = 32
+  HEAD: ClassVar[str] = 'fc3'  # the output layer (models.head_name)
 
   @nn.compact
   def __call__(self, x, train: bool = False):

@@ -1,53 +1,38 @@
-"""The security suite: every attack of the threat model (DESIGN.md §2) against a trained workdir,
-next to the unprotected baseline trained beside it, in one report.
+"""The sections of the security suite, each ``section(target, config) -> (flat figures, details)``.
 
-  python -m securenet_jax.main --config configs/security.py --config.target_workdir=W --workdir OUT
-
-Sections (``config.sections``), each a function below returning (flat figures, nested details):
-
-1. ``forgery``: random forged keys (distribution, mean, max), near keys (the true key with a growing
-   share of its pixels re-randomized) and shifted keys (moved 1-4 px).
-2. ``leakage``: argmin of the no-key logits, a logistic probe on them, a probe on the penultimate
-   features (white box).
-3. ``recovery``: Neural-Cleanse-style trigger inversion on 1% of the labeled training data
-   (whole image and each image quadrant, several mask penalties; the thief keeps the best).
-4. ``removal``: fine-tuning the stolen weights without the key on 1/5/10% of the labeled data vs
-   the same architecture from scratch on the same data; magnitude pruning 10-90%.
-5. ``adversarial``: L-inf FGSM/PGD against (a) the unprotected model, (b) the licensed pipeline
-   attacked without the key (gradients through no key, a forged key, or a surrogate model trained on
-   the thief's own data; the best of them), (c) an adaptive attacker who has the key.
-6. ``backdoor``: (a) the thief fine-tunes the stolen weights on poisoned key-less data (BadNets patch,
-   Blend), attack success rate (ASR) on licensed inputs (trigger, then key); (b) poisoned data in the
-   owner's own (shortened) licensed training, next to an unprotected model trained on the same data.
-
-All figures are on the test split; randomness is seeded by ``config.seed``.
+Every attack runs against the licensed model of the target workdir and, beside it, the unprotected
+baseline trained there (see ``securenet_jax/security/__init__.py`` and docs/security.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from securenet_jax import data as data_lib
+from securenet_jax import errors
 from securenet_jax import evaluate
+from securenet_jax import images as images_lib
 from securenet_jax import inference
 from securenet_jax import keys as keys_lib
-from securenet_jax import train
-from securenet_jax.attacks import adversarial
-from securenet_jax.attacks import backdoor
+from securenet_jax import metrics
+from securenet_jax import workdir as workdir_lib
+from securenet_jax.attacks import adversarial as adversarial_lib
+from securenet_jax.attacks import backdoor as backdoor_lib
 from securenet_jax.attacks import common
-from securenet_jax.attacks import recovery
-from securenet_jax.attacks import removal
+from securenet_jax.attacks import recovery as recovery_lib
+from securenet_jax.attacks import removal as removal_lib
+from securenet_jax.attacks import theft as theft_lib
 
-SECTIONS = ('forgery', 'leakage', 'recovery', 'removal', 'adversarial', 'backdoor')
+# The owner's training procedure, for the sections that retrain (owner poisoning):
+# (config, workdir, dataset, keys or None) -> trained variables. The job passes it in, so this module
+# does not depend on the trainer.
+TrainFn = Callable[[ml_collections.ConfigDict, workdir_lib.Workdir, data_lib.Dataset, Any], dict]
 
 
 @dataclasses.dataclass
@@ -70,7 +55,7 @@ class Target:
 
 def load_target(config) -> Target:
   if not config.target_workdir:
-    raise ValueError('Set --config.target_workdir=W (a trained workdir).')
+    raise errors.ConfigError('No target workdir given.', hint='Add --config.target_workdir=W (a trained workdir).')
   licensed = inference.load(config.target_workdir)
   try:
     unprotected = inference.load(config.target_workdir, baseline=True)
@@ -87,8 +72,8 @@ def load_target(config) -> Target:
   test_images, test_labels = dataset.test_images, dataset.test_labels
   return Target(licensed, unprotected, key,
                 functools.partial(keys_lib.stamp_arrays, arrays=key.arrays()),
-                removal.as_float(dataset.train_images), dataset.train_labels.astype(np.int32),
-                removal.as_float(test_images), test_labels.astype(np.int32), licensed.config)
+                images_lib.to_float(dataset.train_images), dataset.train_labels.astype(np.int32),
+                images_lib.to_float(test_images), test_labels.astype(np.int32), licensed.config)
 
 
 def _test_subset(t: Target, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +84,7 @@ def _test_subset(t: Target, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _acc(model: inference.LicensedModel, images, labels, key=None) -> float:
-  return evaluate.accuracy(model.logits(images, key), labels)
+  return metrics.accuracy(model.logits(images, key), labels)
 
 
 # --- 1. forgery -----------------------------------------------------------------------------------
@@ -155,19 +140,19 @@ def forgery(t: Target, cfg) -> tuple[dict, dict]:
 # --- 2. leakage -----------------------------------------------------------------------------------
 def leakage(t: Target, cfg) -> tuple[dict, dict]:
   images, labels = _test_subset(t, cfg.num_test, cfg.seed)
-  m, _ = evaluate.license_metrics(t.licensed, images, labels, t.key, 0, 0, cfg.seed)
+  m = evaluate.leakage_metrics(t.licensed, images, labels, cfg.seed)
   flat = {k: m[k] for k in ('leak_argmin_acc', 'leak_probe_acc', 'leak_probe_features_acc',
                             'no_key_silenced_frac')}
   # The unprotected model leaks by design: a probe on its logits is its own accuracy.
   logits = t.unprotected.logits(images)
-  return flat, {'unprotected_probe_acc': evaluate.probe_accuracy(logits, labels, cfg.seed),
+  return flat, {'unprotected_probe_acc': metrics.probe_accuracy(logits, labels, cfg.seed),
                 'chance_acc': 1.0 / t.licensed.num_classes}
 
 
 # --- 3. key recovery ------------------------------------------------------------------------------
-def recovery_section(t: Target, cfg) -> tuple[dict, dict]:
+def recovery(t: Target, cfg) -> tuple[dict, dict]:
   r = cfg.recovery
-  images, labels = removal.subset(t.train_images, t.train_labels, r.data_fraction, cfg.seed)
+  images, labels = common.subset(t.train_images, t.train_labels, r.data_fraction, cfg.seed)
   test_images, test_labels = _test_subset(t, cfg.num_test, cfg.seed)
   h, w, _ = t.licensed.image_shape
   regions = {'whole': None, 'top_left': (0, 0, h // 2), 'top_right': (0, w - w // 2, h // 2),
@@ -175,10 +160,10 @@ def recovery_section(t: Target, cfg) -> tuple[dict, dict]:
   trials = {}
   for region_name, region in regions.items():
     for l1 in r.l1_weights:
-      mask, pattern = recovery.invert_trigger(
+      mask, pattern = recovery_lib.invert_trigger(
           t.module, t.licensed.variables, images, labels, steps=r.steps, learning_rate=r.learning_rate,
           l1_weight=l1, rng=jax.random.key(cfg.seed), batch_size=r.batch_size, region=region)
-      acc = recovery.recovered_accuracy(t.module, t.licensed.variables, mask, pattern, test_images,
+      acc = recovery_lib.recovered_accuracy(t.module, t.licensed.variables, mask, pattern, test_images,
                                         test_labels)
       trials[f'{region_name}/l1={l1}'] = {'acc': acc, 'mask_l1': float(np.mean(mask))}
   best = max(trials.values(), key=lambda d: d['acc'])
@@ -187,52 +172,78 @@ def recovery_section(t: Target, cfg) -> tuple[dict, dict]:
 
 
 # --- 4. removal -----------------------------------------------------------------------------------
-def removal_section(t: Target, cfg) -> tuple[dict, dict]:
+def removal(t: Target, cfg) -> tuple[dict, dict]:
   r = cfg.removal
   test_images, test_labels = _test_subset(t, cfg.num_test, cfg.seed)
-  result = removal.finetune_vs_scratch(
+  result = removal_lib.finetune_vs_scratch(
       t.module, t.licensed.variables, t.train_images, t.train_labels, test_images, test_labels,
       fractions=tuple(r.fractions), epochs=r.epochs, batch_size=r.batch_size,
       learning_rates=tuple(r.learning_rates), seed=cfg.seed, min_steps=r.min_steps)
   flat = {k: v for k, v in result.items() if isinstance(v, float)}
-  prune = removal.pruning_sweep(t.module, t.licensed.variables, test_images, test_labels,
+  prune = removal_lib.pruning_sweep(t.module, t.licensed.variables, test_images, test_labels,
                                 t.key_transform, fractions=tuple(r.prune_fractions))
-  prune_unprotected = removal.pruning_sweep(t.module, t.unprotected.variables, test_images, test_labels,
+  prune_unprotected = removal_lib.pruning_sweep(t.module, t.unprotected.variables, test_images, test_labels,
                                             None, fractions=tuple(r.prune_fractions))
   flat['prune_no_key_acc_max'] = float(prune['max_no_key_acc'])
   flat['prune_no_key_gain_max'] = float(prune['max_no_key_gain'])
   return flat, {'finetune': result, 'pruning': prune, 'pruning_unprotected': prune_unprotected}
 
 
+# --- theft: the weights' worth to a thief with labeled data -------------------------------------
+def theft(t: Target, cfg) -> tuple[dict, dict]:
+  """Every transfer move (attacks/theft.py) on the licensed model and on the unprotected baseline, at
+  each labeled fraction: ``theft_gain@k`` = best licensed move - scratch, and the unprotected twin."""
+  c = cfg.theft
+  recipe = theft_lib.Recipe(adam_learning_rates=tuple(c.adam_learning_rates),
+                            sgd_learning_rates=tuple(c.sgd_learning_rates), epochs=c.epochs,
+                            min_steps=c.min_steps, batch_size=c.batch_size)
+  test_images, test_labels = _test_subset(t, cfg.num_test, cfg.seed)
+  moves = tuple(c.moves) or None
+  flat, detail = {}, {}
+  for fraction in c.fractions:
+    k = common.fraction_key(fraction)
+    run = functools.partial(theft_lib.steal, t.module, train_images=t.train_images,
+                            train_labels=t.train_labels, test_images=test_images,
+                            test_labels=test_labels, fraction=fraction, recipe=recipe, seed=cfg.seed,
+                            moves=moves)
+    licensed, unprotected = run(t.licensed.variables), run(t.unprotected.variables)
+    detail[k] = {'licensed': licensed, 'unprotected': unprotected}
+    flat[f'theft_gain@{k}'] = licensed['gain']
+    flat[f'theft_gain_unprotected@{k}'] = unprotected['gain']
+    flat[f'theft_scratch_acc@{k}'] = licensed['scratch_acc']
+    flat[f'theft_best_move@{k}'] = licensed['best_move']
+  return flat, detail
+
+
 # --- 5. adversarial -------------------------------------------------------------------------------
 def default_eps(image_shape) -> tuple[float, ...]:
-  """The L-inf budgets of the issue's protocol when ``adversarial.eps`` is empty: 0.1 and 0.2 for
+  """The L-inf budgets when ``adversarial_lib.eps`` is empty: 0.1 and 0.2 for
   gray images (MNIST-like), 8/255 for color images (CIFAR-like)."""
   return (0.1, 0.2) if image_shape[-1] == 1 else (8 / 255,)
 
 
-def adversarial_section(t: Target, cfg) -> tuple[dict, dict]:
+def adversarial(t: Target, cfg) -> tuple[dict, dict]:
   a = cfg.adversarial
   budgets = tuple(a.eps) or default_eps(t.licensed.image_shape)
   images, labels = _test_subset(t, a.num_test, cfg.seed + 1)
   rng = jax.random.key(cfg.seed)
   forged = keys_lib.forge(t.key, cfg.forgery.seed + 10 ** 6)
   forged_transform = functools.partial(keys_lib.stamp_arrays, arrays=forged.arrays())
-  sur_images, sur_labels = removal.subset(t.train_images, t.train_labels, a.surrogate_fraction, cfg.seed + 2)
+  sur_images, sur_labels = common.subset(t.train_images, t.train_labels, a.surrogate_fraction, cfg.seed + 2)
   surrogate = common.fit(t.module, None, sur_images, sur_labels, epochs=a.surrogate_epochs,
                          learning_rate=1e-3, seed=cfg.seed + 3)
   lic, unp, mod = t.licensed.variables, t.unprotected.variables, t.module
   # Robust accuracy: the unprotected model on the adversarial images as they are; the licensed
   # pipeline on them stamped with the true key (the licensee stamps whatever input arrives).
-  unprotected_acc = functools.partial(adversarial.robust_accuracy, mod, unp, labels=labels)
-  licensed_acc = functools.partial(adversarial.robust_accuracy, mod, lic, labels=labels,
+  unprotected_acc = functools.partial(adversarial_lib.robust_accuracy, mod, unp, labels=labels)
+  licensed_acc = functools.partial(adversarial_lib.robust_accuracy, mod, lic, labels=labels,
                                    eval_transform=t.key_transform)
   detail, flat = {}, {}
   for eps in budgets:
     step = a.step_size_factor * eps / a.steps
-    pgd = functools.partial(adversarial.pgd, mod, images=images, labels=labels, eps=eps, steps=a.steps,
+    pgd = functools.partial(adversarial_lib.pgd, mod, images=images, labels=labels, eps=eps, steps=a.steps,
                             step_size=step, restarts=a.restarts, rng=rng)
-    fgsm = functools.partial(adversarial.fgsm, mod, images=images, labels=labels, eps=eps)
+    fgsm = functools.partial(adversarial_lib.fgsm, mod, images=images, labels=labels, eps=eps)
     key = t.key_transform
     transfer = pgd(surrogate, transform=None)
     e = {
@@ -254,7 +265,7 @@ def adversarial_section(t: Target, cfg) -> tuple[dict, dict]:
     flat[f'pgd_unprotected_robust_acc{suffix}'] = e['pgd_unprotected']
     flat[f'pgd_keyless_robust_acc{suffix}'] = e['pgd_keyless']
     flat[f'pgd_adaptive_robust_acc{suffix}'] = e['pgd_adaptive']
-  detail['surrogate_acc'] = adversarial.robust_accuracy(mod, surrogate, images, labels)
+  detail['surrogate_acc'] = adversarial_lib.robust_accuracy(mod, surrogate, images, labels)
   detail['num_test'] = int(len(labels))
   return flat, detail
 
@@ -262,13 +273,14 @@ def adversarial_section(t: Target, cfg) -> tuple[dict, dict]:
 # --- 6. backdoor ----------------------------------------------------------------------------------
 def _trigger(name: str, image_shape, seed: int) -> keys_lib.KeyArrays:
   if name == 'badnets':
-    return backdoor.badnets_trigger(image_shape, seed=seed)
+    return backdoor_lib.badnets_trigger(image_shape, seed=seed)
   if name == 'blend':
-    return backdoor.blend_trigger(image_shape, seed=seed)
+    return backdoor_lib.blend_trigger(image_shape, seed=seed)
   raise ValueError(f'Unknown trigger {name!r}; expected "badnets" or "blend".')
 
 
-def backdoor_section(t: Target, cfg, out_dir: str) -> tuple[dict, dict]:
+def backdoor(t: Target, cfg, out_dir: workdir_lib.Workdir, train_fn: TrainFn
+                     ) -> tuple[dict, dict]:
   b = cfg.backdoor
   test_images, test_labels = _test_subset(t, cfg.num_test, cfg.seed)
   thief, owner = {}, {}
@@ -278,17 +290,17 @@ def backdoor_section(t: Target, cfg, out_dir: str) -> tuple[dict, dict]:
                      data_fraction=b.thief_data_fraction, epochs=b.thief_epochs,
                      learning_rate=b.thief_learning_rate, seed=cfg.seed)
     thief[name] = {
-        'licensed': backdoor.thief_backdoor_finetune(
+        'licensed': backdoor_lib.thief_backdoor_finetune(
             t.module, t.licensed.variables, t.train_images, t.train_labels, test_images, test_labels,
             key_transform=t.key_transform, **common_kw),
-        'unprotected': backdoor.thief_backdoor_finetune(
+        'unprotected': backdoor_lib.thief_backdoor_finetune(
             t.module, t.unprotected.variables, t.train_images, t.train_labels, test_images, test_labels,
             key_transform=None, **common_kw)}
   first = b.triggers[0]
   trigger = _trigger(first, t.licensed.image_shape, cfg.seed)
   for rate in b.owner_rates:
-    owner[str(rate)] = _owner_poisoning(t, cfg, trigger, rate, os.path.join(out_dir, f'owner_{first}_{rate}'),
-                                        test_images, test_labels)
+    owner[str(rate)] = _owner_poisoning(t, cfg, trigger, rate, out_dir.sub(f'owner_{first}_{rate}'),
+                                        test_images, test_labels, train_fn)
   flat = {'backdoor_finetune_asr_licensed': max(v['licensed']['asr_licensed'] for v in thief.values()),
           'backdoor_finetune_asr_unprotected': max(v['unprotected']['asr_raw'] for v in thief.values()),
           'backdoor_finetune_clean_acc_licensed': min(v['licensed']['clean_acc_licensed']
@@ -301,20 +313,20 @@ def backdoor_section(t: Target, cfg, out_dir: str) -> tuple[dict, dict]:
   return flat, {'thief_finetune': thief, 'owner_poisoning': owner, 'owner_trigger': first}
 
 
-def _owner_poisoning(t: Target, cfg, trigger, rate: float, workdir: str, test_images, test_labels) -> dict:
+def _owner_poisoning(t: Target, cfg, trigger, rate: float, workdir: workdir_lib.Workdir, test_images,
+                     test_labels, train_fn: TrainFn) -> dict:
   """The owner's own (shortened) training on poisoned data: licensed and unprotected."""
   b = cfg.backdoor
   config = ml_collections.ConfigDict(t.config.to_dict())
   config.train.num_epochs = b.owner_epochs
   n = min(b.owner_train_limit or len(t.train_labels), len(t.train_labels))
   images = np.round(t.train_images[:n] * 255).astype(np.uint8)
-  images, labels, _ = backdoor.poison(images, t.train_labels[:n], trigger, b.target, rate, cfg.seed)
+  images, labels, _ = backdoor_lib.poison(images, t.train_labels[:n], trigger, b.target, rate, cfg.seed)
   dataset = data_lib.Dataset(t.config.dataset.name, t.licensed.num_classes, images, labels.astype(np.int32),
                              np.round(test_images * 255).astype(np.uint8), test_labels)
-  lic_state = train.train(config, os.path.join(workdir, 'licensed'), dataset, [t.key])
-  unp_state = train.train(config, os.path.join(workdir, 'unprotected'), dataset, None)
-  lic, unp = train.host_params(lic_state), train.host_params(unp_state)
-  asr = functools.partial(backdoor.attack_success_rate, t.module, images=test_images, labels=test_labels,
+  lic = train_fn(config, workdir.sub('licensed'), dataset, [t.key])
+  unp = train_fn(config, workdir.sub('unprotected'), dataset, None)
+  asr = functools.partial(backdoor_lib.attack_success_rate, t.module, images=test_images, labels=test_labels,
                           trigger=trigger, target=b.target)
   return {'asr_licensed': asr(lic, transform=t.key_transform), 'asr_unprotected': asr(unp),
           'clean_acc_licensed': common.accuracy(t.module, lic, test_images, test_labels, t.key_transform),
@@ -322,113 +334,3 @@ def _owner_poisoning(t: Target, cfg, trigger, rate: float, workdir: str, test_im
           'epochs': int(b.owner_epochs), 'train_examples': int(n)}
 
 
-# --- the job --------------------------------------------------------------------------------------
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the configured sections on ``config.target_workdir`` and writes WORKDIR/report."""
-  # --config.sections=a,b arrives as one string: accept commas inside the entries too.
-  wanted = {part.strip() for entry in ([config.sections] if isinstance(config.sections, str)
-                                       else config.sections) for part in entry.split(',') if part.strip()}
-  unknown = wanted - set(SECTIONS)
-  if unknown:
-    raise ValueError(f'Unknown sections {sorted(unknown)}; available: {SECTIONS}.')
-  if os.path.abspath(workdir) == os.path.abspath(config.target_workdir or '/nonexistent'):
-    raise ValueError('--workdir must differ from the target workdir (the report goes there).')
-  t = load_target(config)
-  report_dir = os.path.join(workdir, 'report')
-  os.makedirs(report_dir, exist_ok=True)
-  flat, sections, timings = {}, {}, {}
-  for name in SECTIONS:
-    if name not in wanted:
-      continue
-    t0 = time.perf_counter()
-    logging.info('Security section %s...', name)
-    if name == 'forgery':
-      f, d = forgery(t, config)
-    elif name == 'leakage':
-      f, d = leakage(t, config)
-    elif name == 'recovery':
-      f, d = recovery_section(t, config)
-    elif name == 'removal':
-      f, d = removal_section(t, config)
-    elif name == 'adversarial':
-      f, d = adversarial_section(t, config)
-    else:
-      f, d = backdoor_section(t, config, os.path.join(workdir, 'backdoor'))
-    timings[name] = time.perf_counter() - t0
-    logging.info('Section %s (%.0fs): %s', name, timings[name], {k: round(v, 4) for k, v in f.items()})
-    flat.update(f)
-    sections[name] = dict(d, figures=f)
-    _write(report_dir, config, flat, sections, timings)  # after each section: nothing lost on a crash
-  return flat
-
-
-def _write(report_dir: str, config, flat: dict, sections: dict, timings: dict) -> None:
-  report = dict(flat, sections=sections, timings_s=timings, target_workdir=os.path.abspath(config.target_workdir),
-                config=json.loads(config.to_json_best_effort()))
-  keys_lib._atomic_write(os.path.join(report_dir, 'security.json'),  # pylint: disable=protected-access
-                         lambda f: json.dump(report, f, indent=1, default=float))
-  keys_lib._atomic_write(os.path.join(report_dir, 'security.md'),  # pylint: disable=protected-access
-                         lambda f: f.write(markdown(flat, sections, timings)))
-  try:
-    figure(os.path.join(report_dir, 'security.png'), sections)
-  except Exception as e:  # pylint: disable=broad-except  (a figure must not cost the report)
-    logging.warning('Could not draw the security figure: %s', e)
-
-
-def markdown(flat: dict, sections: dict, timings: dict) -> str:
-  lines = ['# Security report', '', '| figure | value |', '| --- | --- |']
-  lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |' for k, v in flat.items()]
-  if 'adversarial' in sections:
-    lines += ['', '## Adversarial (robust accuracy)', '', '| eps | attack | value |', '| --- | --- | --- |']
-    for eps, row in sections['adversarial'].items():
-      if isinstance(row, dict) and eps.startswith('eps='):
-        lines += [f'| {eps[4:]} | {k} | {v:.4f} |' for k, v in row.items()]
-  if 'forgery' in sections:
-    lines += ['', '## Near and shifted keys (accuracy)', '', '| key | mean | max |', '| --- | --- | --- |']
-    for kind in ('near_keys', 'shifted_keys'):
-      for k, v in sections['forgery'][kind].items():
-        lines.append(f'| {kind[:-5]} {k} | {v["mean"]:.4f} | {v["max"]:.4f} |')
-  if 'backdoor' in sections:
-    lines += ['', '## Backdoor', '', 'ASR before: the same triggered inputs on the weights before the '
-              "thief's fine-tune (the trigger's own effect).", '',
-              '| attack | model | ASR | ASR before | clean acc |', '| --- | --- | --- | --- | --- |']
-    for trig, v in sections['backdoor']['thief_finetune'].items():
-      lic, unp = v['licensed'], v['unprotected']
-      lines.append(f'| thief fine-tune, {trig} | licensed (key + trigger) | {lic["asr_licensed"]:.4f} | '
-                   f'{lic["asr_licensed_before"]:.4f} | {lic["clean_acc_licensed"]:.4f} |')
-      lines.append(f'| thief fine-tune, {trig} | unprotected | {unp["asr_raw"]:.4f} | '
-                   f'{unp["asr_raw_before"]:.4f} | {unp["clean_acc_raw"]:.4f} |')
-    for rate, v in sections['backdoor']['owner_poisoning'].items():
-      lines.append(f'| owner data {rate} poisoned | licensed | {v["asr_licensed"]:.4f} | — | '
-                   f'{v["clean_acc_licensed"]:.4f} |')
-      lines.append(f'| owner data {rate} poisoned | unprotected | {v["asr_unprotected"]:.4f} | — | '
-                   f'{v["clean_acc_unprotected"]:.4f} |')
-  lines += ['', 'Seconds per section: ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()), '']
-  return '\n'.join(lines)
-
-
-def figure(path: str, sections: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  if 'forgery' in sections:
-    s = sections['forgery']
-    axes[0].hist(s['forged_acc'], bins=30, color='tab:red')
-    axes[0].axvline(s['figures']['authorized_acc'], color='tab:green', label='true key')
-    axes[0].set(title=f'{len(s["forged_acc"])} forged keys', xlabel='accuracy', ylabel='keys')
-    axes[0].legend(fontsize=7)
-    fr = sorted(s['near_keys'], key=float)
-    axes[1].plot([float(x) for x in fr], [s['near_keys'][x]['max'] for x in fr], 'o-', label='near key (max)')
-    axes[1].set(title='near keys', xlabel='share of key pixels re-randomized', ylabel='accuracy', ylim=(0, 1))
-  if 'adversarial' in sections:
-    rows = {k: v for k, v in sections['adversarial'].items() if k.startswith('eps=')}
-    names = ['pgd_unprotected', 'pgd_keyless', 'pgd_adaptive']
-    for i, (eps, row) in enumerate(rows.items()):
-      axes[2].bar(np.arange(3) + 0.35 * i, [row[n] for n in names], width=0.35, label=eps)
-    axes[2].set_xticks(np.arange(3) + 0.175, ['unprotected', 'keyless', 'adaptive'])
-    axes[2].set(title='PGD robust accuracy', ylim=(0, 1))
-    axes[2].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -1,0 +1,62 @@
+"""Tests of securenet_jax.evaluate: the report of a trained workdir and the metrics behind it."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from securenet_jax import evaluate
+from securenet_jax import inference
+from securenet_jax import metrics
+from securenet_jax.data import load as load_data
+
+
+def test_report_files_and_design_metric_names(trained_workdir):
+  report = pathlib.Path(trained_workdir) / 'report'
+  values = json.loads((report / 'metrics.json').read_text())
+  for name in ('clean_acc', 'authorized_acc', 'no_key_acc', 'forged_acc_mean', 'forged_acc_max',
+               'leak_argmin_acc', 'leak_probe_acc', 'leak_probe_features_acc', 'no_key_silenced_frac'):
+    assert 0.0 <= values[name] <= 1.0, name
+    assert values[name] == round(values[name], 4), name  # rounded: no float noise in the report
+  assert values['num_forged'] == 5 and values['num_test'] == 512
+  summary = (report / 'summary.md').read_text()
+  assert 'authorized_acc' in summary and 'leak_probe_acc' in summary
+  assert (report / 'report.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_report_figures_are_what_the_public_api_gives(trained_workdir):
+  model = inference.load(trained_workdir)
+  data = load_data(model.config.dataset)
+  key = model.keys['default']
+  values = json.loads((pathlib.Path(trained_workdir) / 'report' / 'metrics.json').read_text())
+  assert values['authorized_acc'] == pytest.approx(
+      metrics.accuracy(model.logits(data.test_images, key), data.test_labels), abs=1e-4)
+  forged = evaluate.forged_accuracies(model, data.test_images, data.test_labels, key, 5,
+                                      model.config.eval.forge_seed)
+  assert values['forged_acc_max'] == pytest.approx(forged.max(), abs=1e-4)
+  assert values['clean_acc'] == pytest.approx(
+      metrics.accuracy(inference.load(trained_workdir, baseline=True).logits(data.test_images),
+                       data.test_labels), abs=1e-4)
+
+
+def test_license_metrics_needs_forged_keys(trained_workdir):
+  model = inference.load(trained_workdir)
+  images = np.zeros((4, 28, 28, 1), np.uint8)
+  with pytest.raises(ValueError, match='num_forged'):
+    evaluate.license_metrics(model, images, np.zeros(4, np.int64), model.keys['default'], 0, 0)
+
+
+def test_key_metrics_of_a_scoped_key(trained_workdir):
+  """granted/denied split by the key's classes, and the denied probe only where classes are denied."""
+  model = inference.load(trained_workdir)
+  data = load_data(model.config.dataset)
+  scoped = model.keys['default'].replace(name='scoped', classes=(0, 1, 2, 3, 4))
+  out = evaluate.key_metrics(model, data.test_images, data.test_labels, scoped)
+  granted = np.isin(data.test_labels, (0, 1, 2, 3, 4))
+  predictions = model.predict(data.test_images, scoped)
+  assert out['granted_acc'] == pytest.approx(np.mean(predictions[granted] == data.test_labels[granted]))
+  assert out['denied_acc'] == pytest.approx(np.mean(predictions[~granted] == data.test_labels[~granted]))
+  assert 'denied_probe_acc' in out
+  full = evaluate.key_metrics(model, data.test_images, data.test_labels, model.keys['default'])
+  assert 'denied_acc' not in full and full['granted_acc'] == full['authorized_acc']

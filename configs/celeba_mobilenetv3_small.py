@@ -14,6 +14,9 @@ momentum 0.9, lr 0.1, batch 256, 20 epochs cosine, crop + flip.
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

@@ -16,6 +16,9 @@ batch 256 (lr 0.1). NFNet-F5 has about 377M parameters: this is a GPU/TPU job
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke' (a reduced-width F0: the same code, CPU-sized)."""
   config = default.get_config(variant)

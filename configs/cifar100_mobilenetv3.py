@@ -12,6 +12,9 @@ configs/cifar100_resnet101.py. configs/celeba_mobilenetv3_small.py uses the Smal
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

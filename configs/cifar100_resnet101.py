@@ -12,6 +12,9 @@ Data: tensorflow-datasets `cifar100` prepared under `data_dir`, or the official 
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

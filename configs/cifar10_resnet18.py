@@ -14,6 +14,9 @@ Data: tensorflow-datasets `cifar10` prepared under `data_dir`, or the official p
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

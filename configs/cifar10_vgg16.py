@@ -13,6 +13,9 @@ Data: as configs/cifar10_resnet18.py.
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

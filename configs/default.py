@@ -11,10 +11,14 @@ import os
 import ml_collections
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   """Returns the config; ``variant`` is the text after ``:`` in ``--config``: '' or 'smoke'."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # base PRNG seed: initialization, data order, forged negatives
+  config.smoke = False  # a seconds-long test run (the :smoke variant); its report says so
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'fashion_mnist'  # one of securenet_jax.data.NAMES
@@ -104,7 +108,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.train.warmup_steps = 200  # linear warmup steps
   config.train.final_lr_fraction = 0.01  # cosine decay ends at this fraction of the peak
   config.train.weight_decay = 1e-4  # AdamW: decoupled weight decay; sgd: L2 added to the gradient
-  config.train.log_every = 100  # steps between progress logs / TensorBoard points
+  config.train.log_every = 100  # steps between TensorBoard points (the host reads the metrics then)
+  config.train.progress_every_s = 10.0  # seconds between progress lines
   config.train.checkpoint_every = 500  # steps between checkpoints (plus one at the end and on SIGTERM)
   config.train.keep_checkpoints = 2  # how many recent checkpoints to keep
 
@@ -114,6 +119,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.eval.forge_seed = 1_000_000  # first seed of the forged keys (not used in training)
   config.eval.probe_seed = 0  # split of the leakage probe's fit / score halves
   config.eval.clean_baseline = True  # also train the unlicensed baseline (clean_acc)
+  config.eval.force = False  # evaluate a finished workdir again (else its report is printed)
 
   config.distributed = ml_collections.ConfigDict()
   config.distributed.initialize = False  # call jax.distributed.initialize() (TPU pods); automatic under SLURM
@@ -122,6 +128,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.distributed.process_id = 0  # with coordinator_address
 
   if variant == 'smoke':
+    config.smoke = True
     config.dataset.train_limit = 1024
     config.dataset.test_limit = 256
     config.train.num_epochs = 1
@@ -156,6 +163,7 @@ def sgd_recipe(config: ml_collections.ConfigDict, *, learning_rate: float, weigh
 def tiny_smoke(config: ml_collections.ConfigDict, batch_size: int = 8) -> ml_collections.ConfigDict:
   """A few steps on a few examples, for the test suite's end-to-end run of a large model on CPU:
   4 training steps, 32 test images, 2 forged keys, no baseline."""
+  config.smoke = True
   config.dataset.train_limit = 4 * batch_size
   config.dataset.test_limit = 32
   config.train.num_epochs = 1

@@ -14,6 +14,9 @@ lr 0.1, batch 128, weight decay 5e-4, cosine), 100 epochs, crop (4 px padding) +
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

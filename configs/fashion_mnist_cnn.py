@@ -28,6 +28,9 @@ MODELS = {  # variant -> (model name, model kwargs besides small_inputs)
 }
 
 
+VARIANTS = tuple(MODELS) + ('smoke',)  # --config FILE:VARIANT; a model and smoke combine: vgg16,smoke
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant``: a model of MODELS and/or 'smoke', comma-separated."""
   parts = [p for p in variant.split(',') if p]

@@ -13,6 +13,9 @@ machine with network), or MNIST's IDX files with --config.dataset.source=idx --c
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

@@ -10,6 +10,9 @@
 import ml_collections
 
 
+VARIANTS = ('revoke', 'smoke')  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   """Returns the config; ``variant`` '' (replacement), 'revoke' (revocation only) or 'smoke'."""
   config = ml_collections.ConfigDict()
@@ -27,6 +30,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.liveness_weight = 1.0
   config.revoked_fraction = 0.25  # share of the forged negatives stamped with the revoked key(s)
   config.distill_weight = 1.0  # pull positives' penultimate features to the source model's (its old key)
+  config.smoke = False  # a seconds-long test run (the :smoke variant)
   config.eval = ml_collections.ConfigDict()  # overrides of the source config's eval section
   config.eval.num_forged = 100  # forged keys in the report
 
@@ -35,6 +39,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     # little as possible.
     config.learning_rate = 1e-3
   elif variant == 'smoke':
+    config.smoke = True  # the report says it is a smoke run
     config.train_fraction = 1.0
     config.num_epochs = 1
     config.warmup_steps = 2

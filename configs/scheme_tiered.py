@@ -12,6 +12,9 @@ from configs import default
 FASHION_GROUPS = ((0, 2, 3, 4, 6), (1,), (5, 7, 9), (8,))  # tops & dresses / bottoms / footwear / bags
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

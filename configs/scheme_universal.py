@@ -6,6 +6,9 @@ Scenario: a company sells a model to one customer; the customer's key unlocks th
 from configs import default
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)

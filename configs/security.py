@@ -11,12 +11,16 @@ Variant 'smoke': a few seconds per section (tests).
 import ml_collections
 
 
+VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+
+
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = 'security'
   config.target_workdir = ''  # the trained workdir to attack (needs W/baseline for the comparisons)
   config.key_name = ''  # which active key the licensee holds ('' = the first)
   config.seed = 0
+  config.smoke = False  # a seconds-long test run (the :smoke variant); its report says so
   config.sections = ('forgery', 'leakage', 'recovery', 'removal', 'theft', 'adversarial', 'backdoor')
   config.num_test = 0  # test images used by the costly sections (0 = all)
 
@@ -78,6 +82,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.backdoor.owner_train_limit = 20_000
 
   if variant == 'smoke':
+    config.smoke = True
     config.num_test = 256
     config.forgery.num_forged = 20
     config.forgery.num_test = 256

@@ -14,8 +14,6 @@ The cost is reported as the ratio of optimizer steps of the fine-tuning to those
 
 from __future__ import annotations
 
-import time
-
 import jax
 import ml_collections
 from absl import logging
@@ -43,6 +41,7 @@ def derived_config(rcfg, source_config, num_train: int) -> ml_collections.Config
   config.objective.revoked_fraction = rcfg.revoked_fraction
   config.objective.distill_weight = rcfg.distill_weight
   config.key.secret = ''
+  config.smoke = bool(rcfg.smoke or source_config.smoke)
   config.eval.update(rcfg.eval)
   config.eval.clean_baseline = False
   config.replace = ml_collections.ConfigDict({
@@ -82,15 +81,14 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
   module = models.build(source_config.model, full.num_classes)
   source_variables = checkpointing.restore_variables(
       source.checkpoints_dir, inference.abstract_variables(module, full.image_shape))
-  t0 = time.perf_counter()
   state = train.train(config, wd, dataset, active, revoked, init_variables=source_variables,
                       teacher_variables=source_variables if rcfg.distill_weight else None,
-                      successors=licensing.successors(active, revoked))
-  seconds = time.perf_counter() - t0
+                      successors=licensing.successors(active, revoked), phase='replacement')
+  seconds = train.train_seconds(wd)
   source_steps = source_config.train.num_epochs * train.steps_per_epoch(source_config,
                                                                          len(full.train_images))
   steps = config.train.num_epochs * train.steps_per_epoch(config, len(dataset.train_images))
   extra = {'replace_steps': steps, 'source_steps': source_steps,
            'replace_cost_ratio': steps / source_steps, 'replace_train_s': seconds}
   model = train.licensed_model(config, full, train.host_variables(state), active, revoked)
-  return evaluate.evaluate_and_report(config, wd, full, model, write=primary, extra=extra)
+  return evaluate.evaluate_and_report(config, wd, full, model, write=primary, extra=extra, timed='eval_s')

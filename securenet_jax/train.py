@@ -181,6 +181,55 @@ class _StopSignals:
       signal.signal(signum, previous)
 
 
+class _Progress:
+  """One compact line now and then: phase, epoch, step, input images/s, a few metrics, time left."""
+  SHOWN = ('loss', 'pos_acc', 'neg_silenced_frac', 'acc')
+
+  def __init__(self, phase: str, start: int, end: int, total: int, per_epoch: int, batch_size: int,
+               every_s: float):
+    self.phase, self.start, self.end, self.total, self.per_epoch = phase, start, end, total, per_epoch
+    self.batch_size, self.every_s = batch_size, every_s
+    self.t_start = self.t_last = time.perf_counter()
+    self.step_last = start
+
+  def report(self, step: int, metrics: dict) -> None:
+    now = time.perf_counter()
+    if now - self.t_last < self.every_s and step != self.end:
+      return
+    rate = (step - self.step_last) / max(now - self.t_last, 1e-9)  # steps/s since the last line
+    left = (self.end - step) / max(rate, 1e-9)
+    shown = '  '.join(f'{k} {float(metrics[k]):.3f}' for k in self.SHOWN if k in metrics)
+    logging.info('%s  epoch %d/%d  step %d/%d  %s img/s  %s  %s', self.phase,
+                 min(step // self.per_epoch + 1, self.total // self.per_epoch), self.total // self.per_epoch,
+                 step, self.total, f'{rate * self.batch_size:,.0f}', shown,
+                 'done in ' + _duration(now - self.t_start) if step == self.end else
+                 f'{_duration(left)} left')
+    self.t_last, self.step_last = now, step
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
+
+
+class _Clock:
+  """Training seconds of a workdir, accumulated over every run that resumed it (``timings.json``)."""
+
+  def __init__(self, workdir: workdir_lib.Workdir, primary: bool):
+    self.path, self.primary = workdir.root / 'timings.json', primary
+    self.before = self.read(workdir)
+    self.t0 = time.perf_counter()
+
+  @staticmethod
+  def read(workdir: workdir_lib.Workdir) -> float:
+    path = workdir.root / 'timings.json'
+    return float(workdir_lib.read_json(path, 'timings file')['train_s']) if path.exists() else 0.0
+
+  def save(self) -> None:
+    if self.primary:
+      workdir_lib.write_json(self.path, {'train_s': self.before + time.perf_counter() - self.t0})
+
+
 def _summary_writer(logdir):
   if jax.process_index() != 0:
     return None
@@ -198,7 +247,8 @@ def _license_table(config, keys, revoked, num_classes, successors) -> objective.
 def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
           keys: Sequence[keys_lib.LicenseKey] | None, revoked: Sequence[keys_lib.LicenseKey] = (),
           mesh=None, stop_after_steps: int | None = None, init_variables: Any = None,
-          teacher_variables: Any = None, successors: dict[str, str] | None = None) -> TrainState:
+          teacher_variables: Any = None, successors: dict[str, str] | None = None,
+          phase: str = '') -> TrainState:
   """Trains a model (licensed when ``keys`` are given, plain otherwise), resuming from ``workdir``.
 
   Args:
@@ -214,6 +264,7 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
       initialization (fine-tuning), when the workdir has no checkpoint yet.
     teacher_variables: a teacher's variables for the licensed loss (``objective.licensed_loss``).
     successors: new key name -> the key it replaces, for the teacher.
+    phase: the name progress lines give this training ('licensed' or 'baseline' by default).
 
   Returns:
     The final train state.
@@ -267,55 +318,47 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
       ({'image': image, 'label': label} for image, label in host_batches), tcfg.prefetch,
       lambda b: parallel.host_to_global(b, mesh))
   writer = _summary_writer(workdir.tensorboard_dir)
+  phase = phase or ('licensed' if licensed else 'baseline')
   if start < end:
-    logging.info('Training %s: steps %d..%d of %d (%d per epoch), global batch %d on %d device(s)',
-                 'licensed model' if licensed else 'baseline', start, end, total_steps, per_epoch,
-                 tcfg.batch_size, mesh.devices.size)
+    logging.info('%s: steps %d..%d of %d (%d per epoch), global batch %d on %d device(s)',
+                 phase, start, end, total_steps, per_epoch, tcfg.batch_size, mesh.devices.size)
 
-  def finite_or_raise(metrics, step):
-    loss = float(metrics['loss'])
+  def finite_or_raise(loss, step):
     if not np.isfinite(loss):
       raise FloatingPointError(f'Loss is {loss} at step {step} in {workdir}. Lower train.learning_rate '
                                f'or check the data; the last good checkpoint is step '
                                f'{mngr.latest_step()}.')
 
-  prev = None
-  t0, images_seen = time.perf_counter(), 0
+  progress = _Progress(phase, start, end, total_steps, per_epoch, tcfg.batch_size, tcfg.progress_every_s)
+  clock = _Clock(workdir, primary=jax.process_index() == 0)
   with _StopSignals() as stop:
     try:
       for step in range(start, end):
         state, metrics = step_fn(state, next(batches), table, base_rng, teacher)
-        if prev is not None:  # one step behind, so the host never stalls the device pipeline
-          finite_or_raise(*prev)
-        prev = (metrics, step + 1)
-        images_seen += tcfg.batch_size
-        if (step + 1) % tcfg.log_every == 0 or step + 1 == end:
+        done = step + 1
+        saving = mngr.should_save(done) or done == end or stop.requested
+        # The host reads the metrics only now and then: no per-step synchronization with the device.
+        if done % tcfg.log_every == 0 or saving:
           metrics = jax.device_get(metrics)
-          finite_or_raise(metrics, step + 1)
-          metrics['images_per_sec'] = images_seen / (time.perf_counter() - t0)
+          finite_or_raise(float(metrics['loss']), done)  # before a checkpoint could keep a NaN
           metrics['learning_rate'] = schedule(step)
-          logging.info('step %d/%d  %s', step + 1, total_steps,
-                       '  '.join(f'{k} {float(v):.4g}' for k, v in sorted(metrics.items())
-                                 if np.isfinite(float(v))))
+          progress.report(done, metrics)
           if writer is not None:
             for k, v in metrics.items():
               if np.isfinite(float(v)):
-                writer.add_scalar(k, float(v), step + 1)
-          t0, images_seen = time.perf_counter(), 0
-        mngr.save(step + 1, args=checkpointing.ocp.args.StandardSave(state))
+                writer.add_scalar(k, float(v), done)
+        if saving:
+          checkpointing.save_now(mngr, done, state)
+          clock.save()
         if stop.requested:
-          checkpointing.save_now(mngr, step + 1, state)
           mngr.wait_until_finished()
-          raise Preempted(f'Stopped by {signal.Signals(stop.signum).name} at step {step + 1}; checkpoint '
-                          f'saved in {workdir.checkpoints_dir}.', stop.signum, step + 1)
-      if prev is not None:
-        finite_or_raise(*prev)
-      if end > start:
-        checkpointing.save_now(mngr, end, state)
+          raise Preempted(f'Stopped by {signal.Signals(stop.signum).name} at step {done}; checkpoint '
+                          f'saved in {workdir.checkpoints_dir}.', stop.signum, done)
     finally:
       batches.close()
       mngr.wait_until_finished()
       mngr.close()
+      clock.save()
       if writer is not None:
         writer.close()
   return state
@@ -342,11 +385,27 @@ def licensed_model(config, dataset: data_lib.Dataset, variables, active=(), revo
                                  batch_size=config.eval.batch_size, config=config)
 
 
+def train_seconds(workdir: workdir_lib.Workdir) -> float:
+  """Seconds spent training the model of ``workdir``, over every run that resumed it."""
+  return _Clock.read(workdir)
+
+
+def _finished(config, workdir: workdir_lib.Workdir, num_train: int) -> bool:
+  """Whether the workdir's newest checkpoint is its last step (without restoring it)."""
+  if not workdir.checkpoints_dir.is_dir():
+    return False
+  steps = [int(p.name) for p in workdir.checkpoints_dir.iterdir() if p.name.isdigit()]
+  return bool(steps) and max(steps) == config.train.num_epochs * steps_per_epoch(config, num_train)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole job: data, keys, licensed training, baseline, evaluation report.
 
+  A rerun resumes from the checkpoints; on a finished workdir it prints the existing report instead
+  of evaluating again, unless ``config.eval.force``.
+
   Returns:
-    The metrics written to WORKDIR/report/metrics.json.
+    The metrics of WORKDIR/report/metrics.json.
   """
   parallel.log_devices()
   wd = workdir_lib.Workdir(workdir)
@@ -357,18 +416,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     wd.write_model_info(dataset.num_classes, dataset.image_shape)
   active, revoked = licensing.training_keys(config, wd, dataset.image_shape, dataset.num_classes)
   logging.info('License keys: %s; revoked: %s', active, revoked)
-  t0 = time.perf_counter()
+  report = wd.report_dir / 'metrics.json'
+  models_done = _finished(config, wd, len(dataset.train_images)) and (
+      not config.eval.clean_baseline or _finished(config, wd.baseline, len(dataset.train_images)))
+  if models_done and report.exists() and not config.eval.force:
+    metrics = workdir_lib.read_json(report, 'report')
+    logging.info('%s is finished; its report: %s (authorized_acc %.4f, no_key_acc %.4f). '
+                 'Add --config.eval.force=True to evaluate again.', wd, wd.report_dir,
+                 metrics['authorized_acc'], metrics['no_key_acc'])
+    return metrics
   state = train(config, wd, dataset, active, revoked)
-  timings = {'licensed_train_s': time.perf_counter() - t0}
+  timings = {'licensed_train_s': train_seconds(wd)}
   baseline = None
   if config.eval.clean_baseline:
-    t0 = time.perf_counter()
     baseline_state = train(config, wd.baseline, dataset, None)
-    timings['baseline_train_s'] = time.perf_counter() - t0
+    timings['baseline_train_s'] = train_seconds(wd.baseline)
     baseline = licensed_model(config, dataset, host_variables(baseline_state))
   t0 = time.perf_counter()
+  logging.info('evaluation: %d test images, %d forged keys', len(dataset.test_labels),
+               config.eval.num_forged)
   model = licensed_model(config, dataset, host_variables(state), active, revoked)
+  timings['eval_s'] = 0.0
   metrics = evaluate.evaluate_and_report(config, wd, dataset, model, baseline, write=primary,
-                                         extra=timings)
-  logging.info('Timings: %s, evaluation %.1fs', timings, time.perf_counter() - t0)
+                                         extra=timings, timed='eval_s')
+  logging.info('evaluation done in %s; report: %s', _duration(time.perf_counter() - t0), wd.report_dir)
   return metrics

@@ -34,8 +34,9 @@ FORMAT = 'securenet-jax-workdir'
 VERSION = 2
 
 # Config fields that may change between a run and its resumption without changing what is trained.
-RESUMABLE_FIELDS = ('eval', 'key.secret', 'train.log_every', 'train.checkpoint_every', 'train.prefetch',
-                    'train.keep_checkpoints', 'dataset.cache', 'dataset.cache_dir')
+RESUMABLE_FIELDS = ('eval', 'key.secret', 'train.log_every', 'train.progress_every_s',
+                    'train.checkpoint_every', 'train.prefetch', 'train.keep_checkpoints', 'dataset.cache',
+                    'dataset.cache_dir')
 
 
 def is_remote(path) -> bool:

@@ -50,3 +50,17 @@ def test_readme_is_a_front_door():
   lines = read(os.path.join(REPO, 'README.md')).splitlines()
   assert len(lines) <= 150
   assert any('inference.load(' in line for line in lines[:80]), 'the API example belongs near the top'
+
+
+def test_readme_api_example_runs_as_written(trained_workdir, capsys):
+  """The README's "Using a trained model" block, run on a trained workdir in place of
+  workdirs/default."""
+  text = read(os.path.join(REPO, 'README.md'))
+  section = text.split('## Using a trained model', 1)[1]
+  code = section.split('```python\n', 1)[1].split('```', 1)[0]
+  assert "inference.load('workdirs/default')" in code
+  code = code.replace('workdirs/default', trained_workdir)
+  exec(compile(code, 'README.md', 'exec'), {})  # pylint: disable=exec-used
+  printed = dict(line.split(':', 1) for line in capsys.readouterr().out.strip().splitlines())
+  assert float(printed['with the key']) >= 0.9
+  assert float(printed['without it']) <= 0.2 and float(printed['forged key']) <= 0.3

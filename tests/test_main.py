@@ -32,10 +32,10 @@ def test_cli_smoke_run_with_overrides(tmp_path, idx_dir):
   assert (tmp_path / 'keys' / 'registry.json').exists()
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_and_rerun_resumes(tmp_path, idx_dir):
+def _stop_during_training(tmp_path, idx_dir, signals):
+  """Starts a 12-epoch smoke run, sends ``signals`` (in order, 1 s apart) once step 8 is logged."""
   args = (f'--config.dataset.data_dir={idx_dir}', '--config.key.secret=sig', '--config.train.num_epochs=12',
-          '--config.eval.clean_baseline=False')
+          '--config.eval.clean_baseline=False', '--config.train.progress_every_s=0')
   proc = run_main(tmp_path, *args)
   lines = []
   deadline = time.time() + 240
@@ -43,13 +43,24 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path, idx_dir):
     lines.append(line)
     if 'step 8/' in line or time.time() > deadline:
       break
-  proc.send_signal(signal.SIGTERM)
+  for i, sig in enumerate(signals):
+    if i:
+      time.sleep(1.0)
+    proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
-  out = ''.join(lines) + out
-  assert proc.returncode == 0, out[-3000:]
-  assert 'Stopped by SIGTERM at step' in out
+  return proc.returncode, ''.join(lines) + out, args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig, code', [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_checkpoints_and_rerun_resumes(tmp_path, idx_dir, sig, code):
+  returncode, out, args = _stop_during_training(tmp_path, idx_dir, [sig])
+  assert returncode == code, out[-3000:]
+  assert f'Stopped by {signal.Signals(sig).name} at step' in out and 'Rerun the same command to resume' in out
+  assert 'Traceback' not in out
   saved = [int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
-  assert saved and max(saved) >= 8 and max(saved) < 12 * 16
+  stopped_at = int(out.split('at step ')[1].split(';')[0])
+  assert max(saved) == stopped_at >= 8  # nothing lost past the step it stopped at
   assert not (tmp_path / 'report').exists()
 
   proc = run_main(tmp_path, *args)
@@ -57,9 +68,57 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path, idx_dir):
   assert proc.returncode == 0, out[-3000:]
   assert f'Resumed licensed model from step {max(saved)}' in out
   assert (tmp_path / 'report' / 'metrics.json').exists()
+  timings = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
+  assert timings['licensed_train_s'] > 0  # accumulated over both runs
+
+
+@pytest.mark.slow
+def test_second_signal_stops_at_once(tmp_path, idx_dir):
+  returncode, out, _ = _stop_during_training(tmp_path, idx_dir, [signal.SIGINT, signal.SIGINT])
+  assert returncode != 0 and 'received' in out
+
+
+def _cli(*args, timeout=120):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'securenet_jax.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_configs_and_exits_0():
+  proc = _cli('--help')
+  assert proc.returncode == 0
+  assert 'default.py' in proc.stdout and 'variants: smoke' in proc.stdout and '--config.a.b=' in proc.stdout
+
+
+@pytest.mark.parametrize('args, message, fix', [
+    (('--config', 'configs/nothere.py', '--workdir', 'W'), 'cannot read the config file', 'configs/'),
+    (('--config', 'configs/default.py:weird', '--workdir', 'W'), "Unknown config variant 'weird'", '--help'),
+    (('--config', 'configs/default.py:smoke', '--workdir', 'W', '--config.train.num_epoch=3'),
+     'unknown config field: \'num_epoch\' Did you mean "num_epochs"', 'field name'),
+    (('--config', 'configs/default.py:smoke', '--workdir', 'W', '--config.train.num_epochs=abc'),
+     'bad flag', '--config.a.b=VALUE'),
+    ((), '--config and --workdir are required', 'usage'),
+])
+def test_cli_errors_are_one_line_with_the_fix(args, message, fix):
+  proc = _cli(*args)
+  assert proc.returncode == 2
+  err = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(err) <= 3 and err[0].startswith('error: ') and message in err[0], proc.stderr
+  assert err[1].startswith('  fix: ') and fix in err[1], proc.stderr
+
+
+def test_workdir_of_another_config_is_refused_with_the_fix(tmp_path, idx_dir):
+  args = ('--config', 'configs/default.py:smoke', '--workdir', str(tmp_path),
+          f'--config.dataset.data_dir={idx_dir}')
+  (tmp_path / 'config.json').write_text('{"seed": 7}')
+  proc = _cli(*args)
+  err = [line for line in proc.stderr.splitlines() if line.startswith(('error', '  fix'))]
+  assert proc.returncode == 2 and 'holds a run of another config' in err[0] and 'new --workdir' in err[1]
 
 
 def test_missing_data_fails_clearly(tmp_path):
-  proc = run_main(tmp_path, '--config.dataset.data_dir=/nonexistent')
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode != 0 and 'apt-get install dataset-fashion-mnist' in out
+  proc = _cli('--config', 'configs/default.py:smoke', '--workdir', str(tmp_path),
+              '--config.dataset.data_dir=/nonexistent')
+  err = [line for line in proc.stderr.splitlines() if line.startswith(('error', '  fix'))]
+  assert proc.returncode == 2 and "Dataset 'fashion_mnist' not found" in err[0]
+  assert 'apt-get install dataset-fashion-mnist' in err[1]

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from securenet_jax import errors
+
 DEFAULT_IDX_DIR = '/usr/share/datasets/fashion-mnist'
 
 # name -> the sources it can be read from (the first is the one an empty `source` picks).
@@ -45,8 +47,9 @@ def option(cfg, field: str):
   return DEFAULTS[field] if value is None else value
 
 
-class DataMissingError(FileNotFoundError):
-  """The dataset is not where the config says."""
+class DataMissingError(errors.SecureNetError, FileNotFoundError):
+  """The dataset is not where the config says (the message lists the ways to get it; ``hint`` is the
+  first, in one line)."""
 
 
 def _how_to(name: str) -> list[str]:
@@ -93,7 +96,7 @@ def missing(cfg, detail: str) -> DataMissingError:
   if ways:
     text += (' Two ways to get it:' if len(ways) == 2 else ' To get it:') + ''.join(
         f'\n  {i}. {w}' for i, w in enumerate(ways, 1))
-  return DataMissingError(text)
+  return DataMissingError(text, hint=ways[0].split(':', 1)[-1].strip() if ways else '')
 
 
 def per_group_test_mask(names: Sequence[str], groups: np.ndarray, fraction: float, seed: int

@@ -13,19 +13,24 @@ from securenet_jax import workdir as workdir_lib
 
 def write(report_dir, config, flat: dict, sections: dict, timings: dict) -> None:
   """Writes security.json, security.md and security.png into ``report_dir``."""
-  report = metrics.rounded(dict(flat, sections=sections, timings_s=timings,
+  smoke = bool(config.smoke)
+  report = metrics.rounded(dict(flat, sections=sections, timings_s=timings, smoke=smoke,
                                 target_workdir=str(workdir_lib.Workdir(config.target_workdir)),
                                 config=json.loads(config.to_json_best_effort())))
   workdir_lib.write_json(report_dir / 'security.json', report)
-  workdir_lib.atomic_write(report_dir / 'security.md', markdown(flat, sections, timings))
+  workdir_lib.atomic_write(report_dir / 'security.md', markdown(flat, sections, timings, smoke))
   try:
-    workdir_lib.atomic_write_with(report_dir / 'security.png', lambda f: figure(f, sections))
+    workdir_lib.atomic_write_with(report_dir / 'security.png', lambda f: figure(f, sections, smoke))
   except Exception as e:  # pylint: disable=broad-except  (a figure must not cost the report)
     logging.warning('Could not draw the security figure: %s', e)
 
 
-def markdown(flat: dict, sections: dict, timings: dict) -> str:
-  lines = ['# Security report', '', '| figure | value |', '| --- | --- |']
+def markdown(flat: dict, sections: dict, timings: dict, smoke: bool = False) -> str:
+  lines = ['# Security report', '']
+  if smoke:
+    lines += ['**Smoke run** (a few steps per attack, to test the code): the figures say nothing about '
+              'the method.', '']
+  lines += ['| figure | value |', '| --- | --- |']
   lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |' for k, v in flat.items()]
   if 'adversarial' in sections:
     lines += ['', '## Adversarial (robust accuracy)', '', '| eps | attack | value |', '| --- | --- | --- |']
@@ -69,28 +74,52 @@ def markdown(flat: dict, sections: dict, timings: dict) -> str:
   return '\n'.join(lines)
 
 
-def figure(path, sections: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+def figure(path, sections: dict, smoke: bool = False) -> None:
+  """Four panels on 0-1 accuracy axes with their values: forged keys, near keys, what a thief with
+  labels gets (licensed vs unprotected, against scratch), PGD robust accuracy."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  (only for the report)
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  fig, axes = plt.subplots(1, 4, figsize=(17, 3.9), layout='constrained')
   if 'forgery' in sections:
     s = sections['forgery']
-    axes[0].hist(s['forged_acc'], bins=30, color='tab:red')
-    axes[0].axvline(s['figures']['authorized_acc'], color='tab:green', label='true key')
-    axes[0].set(title=f'{len(s["forged_acc"])} forged keys', xlabel='accuracy', ylabel='keys')
+    axes[0].hist(s['forged_acc'], bins=np.linspace(0, 1, 41), color='tab:red', label='forged keys')
+    axes[0].axvline(s['figures']['authorized_acc'], color='tab:green', label='the key')
+    axes[0].set(title=f'{len(s["forged_acc"])} forged keys (max {max(s["forged_acc"]):.3f})',
+                xlabel='accuracy', ylabel='number of keys', xlim=(0, 1))
     axes[0].legend(fontsize=7)
     fr = sorted(s['near_keys'], key=float)
-    axes[1].plot([float(x) for x in fr], [s['near_keys'][x]['max'] for x in fr], 'o-', label='near key (max)')
-    axes[1].set(title='near keys', xlabel='share of key pixels re-randomized', ylabel='accuracy', ylim=(0, 1))
+    maxima = [s['near_keys'][x]['max'] for x in fr]
+    axes[1].plot([float(x) for x in fr], maxima, 'o-', label='near key (max)')
+    for x, y in zip(fr, maxima):
+      axes[1].annotate(f'{y:.2f}', (float(x), y), fontsize=7, textcoords='offset points', xytext=(0, 4))
+    axes[1].set(title='near keys: the key with a share redrawn', xlabel='share of the key redrawn',
+                ylabel='accuracy', ylim=(0, 1.05), xlim=(0, 1.05))
+  if 'theft' in sections:
+    rows = [(k, v) for k, v in sections['theft'].items() if isinstance(v, dict) and 'licensed' in v]
+    x = np.arange(len(rows))
+    series = [('scratch', [v['licensed']['scratch_acc'] for _, v in rows], 'tab:gray'),
+              ('licensed: best move', [v['licensed']['best_acc'] for _, v in rows], 'tab:blue'),
+              ('unprotected: best move', [v['unprotected']['best_acc'] for _, v in rows], 'tab:orange')]
+    for i, (label, values, color) in enumerate(series):
+      bars = axes[2].bar(x + 0.27 * (i - 1), values, width=0.27, label=label, color=color)
+      axes[2].bar_label(bars, labels=[f'{v:.3f}' for v in values], fontsize=6, rotation=90, padding=2)
+    axes[2].set_xticks(x, [f'{k} of labels' for k, _ in rows])
+    axes[2].set(title='a thief with the weights and labels', ylabel='accuracy without key', ylim=(0, 1.15))
+    axes[2].legend(fontsize=7, loc='lower right')
   if 'adversarial' in sections:
     rows = {k: v for k, v in sections['adversarial'].items() if k.startswith('eps=')}
     names = ['pgd_unprotected', 'pgd_keyless', 'pgd_adaptive']
     for i, (eps, row) in enumerate(rows.items()):
-      axes[2].bar(np.arange(3) + 0.35 * i, [row[n] for n in names], width=0.35, label=eps)
-    axes[2].set_xticks(np.arange(3) + 0.175, ['unprotected', 'keyless', 'adaptive'])
-    axes[2].set(title='PGD robust accuracy', ylim=(0, 1))
-    axes[2].legend(fontsize=7)
-  fig.tight_layout()
+      bars = axes[3].bar(np.arange(3) + 0.35 * i, [row[n] for n in names], width=0.35, label=eps)
+      axes[3].bar_label(bars, labels=[f'{row[n]:.2f}' for n in names], fontsize=7, padding=2)
+    axes[3].set_xticks(np.arange(3) + 0.175, ['unprotected', 'licensed, keyless', 'licensed, adaptive'])
+    axes[3].set(title='PGD robust accuracy', ylabel='accuracy', ylim=(0, 1.1))
+    axes[3].legend(fontsize=7)
+  for ax in axes:
+    if not ax.has_data():
+      ax.axis('off')
+  if smoke:
+    fig.suptitle('SMOKE RUN: the figures say nothing about the method', color='tab:red', fontsize=10)
   fig.savefig(path, dpi=110, format='png')
   plt.close(fig)

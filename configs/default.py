@@ -103,6 +103,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.train.agc_clip = 0.0  # > 0: adaptive gradient clipping (NFNets) at this ratio, classifier excluded
   config.train.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
   config.train.prefetch = 2  # batches moved to the devices ahead of the step
+  config.train.resident_max_mb = 1024  # a training set up to this size lives on the devices (1 process)
   config.train.batch_size = 128  # global batch (split over all devices and hosts)
   config.train.learning_rate = 2e-3  # peak learning rate
   config.train.warmup_steps = 200  # linear warmup steps
@@ -112,20 +113,19 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.train.progress_every_s = 10.0  # seconds between progress lines
   config.train.checkpoint_every = 500  # steps between checkpoints (plus one at the end and on SIGTERM)
   config.train.keep_checkpoints = 2  # how many recent checkpoints to keep
+  # Multi-process runs: steps between the processes' checks whether any of them was told to stop
+  # (SIGTERM/SIGINT); they then all stop and checkpoint at the same step.
+  config.train.stop_check_every = 10
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1000  # inference batch size
   config.eval.num_forged = 100  # forged keys evaluated in the report
+  config.eval.forged_num_test = 2000  # test images each forged key is scored on (0 = all)
   config.eval.forge_seed = 1_000_000  # first seed of the forged keys (not used in training)
   config.eval.probe_seed = 0  # split of the leakage probe's fit / score halves
   config.eval.clean_baseline = True  # also train the unlicensed baseline (clean_acc)
   config.eval.force = False  # evaluate a finished workdir again (else its report is printed)
 
-  config.distributed = ml_collections.ConfigDict()
-  config.distributed.initialize = False  # call jax.distributed.initialize() (TPU pods); automatic under SLURM
-  config.distributed.coordinator_address = ''  # 'host:port' for explicit multi-process setup ('' = auto)
-  config.distributed.num_processes = 1  # with coordinator_address
-  config.distributed.process_id = 0  # with coordinator_address
 
   if variant == 'smoke':
     config.smoke = True

@@ -15,6 +15,9 @@ uint8 images travel to the device as uint8 and are converted there.
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from typing import Any
 
 import jax
@@ -23,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from securenet_jax import checkpointing
+from securenet_jax import errors
 from securenet_jax import images as images_lib
 from securenet_jax import keys as keys_lib
 from securenet_jax import licensing
@@ -61,7 +65,7 @@ class LicensedModel:
     self._no_key = jax.device_put(keys_lib.KeyArrays(np.ones((h, w, 1), np.float32),
                                                      np.zeros((h, w, c), np.float32)))
     self._key_cache: dict[str, keys_lib.KeyArrays] = {}
-    self._logits = jax.jit(self._logits_impl)
+    self._logits = jax.jit(self._logits_impl)  # (images, variables, key arrays) -> logits
     self._logits_and_features = jax.jit(self._logits_and_features_impl)
 
   @property
@@ -162,3 +166,107 @@ def load(workdir, step: int | None = None, baseline: bool = False) -> LicensedMo
                        keys=registry.active if registry else {},
                        revoked_keys=registry.revoked if registry else {},
                        batch_size=config.eval.batch_size, config=config)
+
+
+# --- a deployable artifact ---------------------------------------------------------------------------
+_EXPORT_FORMAT = 'securenet-jax-exported'
+_EXPORT_VERSION = 1
+
+
+def export(workdir, path, step: int | None = None) -> str:
+  """Writes a workdir's licensed forward pass as a self-contained artifact (one ``.npz`` file).
+
+  The artifact holds the serialized ``jax.export`` modules of the forward pass with the key stamp
+  fused (one for uint8 images, one for float images, any batch size), the model's variables, and the
+  registry's public data (key names, status, grants, geometry, fingerprints), but no key content:
+  the licensee brings the key file. :func:`load_exported` runs it without this package's training
+  code or the model's source; its logits equal :meth:`LicensedModel.logits` exactly.
+
+  Returns:
+    ``path``.
+  """
+  from jax import export as jax_export  # pylint: disable=g-import-not-at-top  (needs flatbuffers)
+  model = load(workdir, step)
+  batch = jax_export.symbolic_shape('batch')[0]
+  h, w, c = model.image_shape
+  key_spec = jax.ShapeDtypeStruct((h, w, c), np.float32)  # keep and add (plain arrays serialize)
+  forward = jax.jit(lambda images, variables, keep, add: model._logits(  # pylint: disable=protected-access
+      images, variables, keys_lib.KeyArrays(keep, add)))
+  var_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model.variables)
+  modules = {}
+  for dtype in ('uint8', 'float32'):
+    images = jax.ShapeDtypeStruct((batch, *model.image_shape), np.dtype(dtype))
+    exported = jax_export.export(forward)(images, var_spec, key_spec, key_spec)
+    modules[dtype] = np.frombuffer(bytes(exported.serialize()), np.uint8)
+  leaves, treedef = jax.tree_util.tree_flatten(jax.device_get(model.variables))
+  meta = {'format': _EXPORT_FORMAT, 'version': _EXPORT_VERSION, 'image_shape': list(model.image_shape),
+          'num_classes': model.num_classes, 'batch_size': model.batch_size, 'treedef': str(treedef),
+          'keys': [{'name': k.name, 'status': status, 'fingerprint': k.fingerprint, 'scheme': k.scheme,
+                    'classes': None if k.classes is None else list(k.classes), 'tier': k.tier,
+                    'geometry': k.geometry.to_dict()}
+                   for status, group in (('active', model.keys), ('revoked', model.revoked_keys))
+                   for k in group.values()]}
+  arrays = {f'module_{d}': m for d, m in modules.items()}
+  arrays.update({f'leaf_{i}': np.asarray(leaf) for i, leaf in enumerate(leaves)})
+  workdir_lib.atomic_write_with(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
+  return os.fspath(path)
+
+
+class ExportedModel:
+  """An artifact written by :func:`export`: ``logits(images, key)`` and ``predict(images, key)``."""
+
+  def __init__(self, path):
+    from jax import export as jax_export  # pylint: disable=g-import-not-at-top
+    try:
+      with np.load(io.BytesIO(workdir_lib.as_path(path).read_bytes()), allow_pickle=False) as f:
+        meta = json.loads(str(f['meta']))
+        modules = {d: bytes(f[f'module_{d}']) for d in ('uint8', 'float32')}
+        leaves = [f[f'leaf_{i}'] for i in range(sum(k.startswith('leaf_') for k in f.files))]
+    except (OSError, KeyError, ValueError) as e:
+      raise errors.WorkdirError(f'{path} is not a readable SecureNet-JAX exported model ({e}).') from e
+    if meta.get('format') != _EXPORT_FORMAT or meta.get('version') != _EXPORT_VERSION:
+      raise errors.WorkdirError(f'{path} is not an exported model of this version '
+                                f'({meta.get("format")}, {meta.get("version")}).')
+    self.image_shape = tuple(meta['image_shape'])
+    self.num_classes = int(meta['num_classes'])
+    self.batch_size = int(meta['batch_size'])
+    self.keys = {k['name']: k for k in meta['keys'] if k['status'] == 'active'}
+    self.revoked_keys = {k['name']: k for k in meta['keys'] if k['status'] == 'revoked'}
+    self._modules = {d: jax_export.deserialize(bytearray(m)) for d, m in modules.items()}
+    in_tree = self._modules['float32'].in_tree
+    variables_def = in_tree.children()[0].children()[1]
+    self._variables = jax.device_put(jax.tree_util.tree_unflatten(variables_def, leaves))
+    h, w, c = self.image_shape
+    self._no_key = jax.device_put(keys_lib.KeyArrays(np.ones((h, w, c), np.float32),
+                                                     np.zeros((h, w, c), np.float32)))
+
+  def _key_arrays(self, key):
+    if key is None:
+      return self._no_key
+    if not isinstance(key, keys_lib.LicenseKey):
+      raise ValueError(f'key must be a LicenseKey (keys.load(...)) or None; got {type(key).__name__}.')
+    if key.image_shape != self.image_shape:
+      raise ValueError(f'Key {key.name!r} is made for images of shape {key.image_shape}, but this '
+                       f'model takes {self.image_shape}.')
+    arrays = key.arrays()
+    return keys_lib.KeyArrays(np.broadcast_to(arrays.keep, self._no_key.keep.shape), arrays.add)
+
+  def logits(self, images, key: keys_lib.LicenseKey | None = None) -> np.ndarray:
+    """Logits (N, num_classes) of ``images`` stamped with ``key`` (None: the raw images)."""
+    images = images_lib.check(images, self.image_shape)
+    module = self._modules['uint8' if images.dtype == np.uint8 else 'float32']
+    # The same chunks as LicensedModel.logits: the same compiled shapes, so the same logits, bit for bit.
+    return predict_lib.batched(module.call, images, self._variables, *self._key_arrays(key),
+                               batch_size=self.batch_size)
+
+  def predict(self, images, key: keys_lib.LicenseKey | None = None) -> np.ndarray:
+    return np.argmax(self.logits(images, key), axis=-1)
+
+
+def load_exported(path) -> ExportedModel:
+  """Loads an artifact written by :func:`export`.
+
+  Raises:
+    errors.WorkdirError: not an exported model of this version.
+  """
+  return ExportedModel(path)

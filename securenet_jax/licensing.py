@@ -18,6 +18,7 @@ from absl import logging
 
 from securenet_jax import errors
 from securenet_jax import keys as keys_lib
+from securenet_jax import parallel
 from securenet_jax import registry as registry_lib
 from securenet_jax import workdir as workdir_lib
 
@@ -73,6 +74,7 @@ def training_keys(config, workdir: workdir_lib.Workdir, image_shape, num_classes
   kcfg = config.key
   geometry = keys_lib.Geometry.from_config(kcfg, image_shape)
   wanted = grants(config.license, num_classes)
+  parallel.barrier('keys:check')  # every process sees the registry as it was before this run
   if registry_lib.KeyRegistry.exists(workdir.keys_dir):
     registry = registry_lib.KeyRegistry.load(workdir.keys_dir)
     known = {**registry.active, **registry.revoked}
@@ -98,8 +100,9 @@ def training_keys(config, workdir: workdir_lib.Workdir, image_shape, num_classes
     logging.info('No key.secret given: generated a random one. The keys are saved in %s.',
                  workdir.keys_dir)
   keys = [keys_lib.derive(secret, geometry, **grant) for grant in wanted]
-  if jax.process_index() == 0:
+  if parallel.is_primary():
     register(workdir, keys, [])
+  parallel.barrier('keys:written')
   return keys, []
 
 

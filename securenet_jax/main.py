@@ -30,6 +30,10 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, keys and the re
 config_flags.DEFINE_config_file('config', None, 'Config file (optionally FILE:variant).',
                                 lock_config=True)
 flags.DEFINE_boolean('verbose', False, 'On an error, print the whole traceback.')
+flags.DEFINE_string('coordinator_address', '', 'Multi-process runs started by hand (launch/local.sh): '
+                    'HOST:PORT of process 0. SLURM and Cloud TPU pods need no flag.')
+flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address: how many processes.')
+flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process, 0..num_processes-1.')
 
 USAGE = ('usage: python -m securenet_jax.main --config FILE[:VARIANT] --workdir DIR '
          '[--config.section.field=VALUE ...] [--verbose]')
@@ -79,7 +83,10 @@ def _help() -> str:
           'configs/default.py:smoke',
           '  --config.a.b=VALUE           overrides one field, e.g. --config.train.num_epochs=3',
           '  --workdir DIR                checkpoints, keys and the report (a rerun resumes there)',
-          '  --verbose                    print the traceback of an error', '']
+          '  --verbose                    print the traceback of an error',
+          '  --coordinator_address H:P --num_processes N --process_id I',
+          '                               one of N processes started by hand (launch/local.sh); SLURM and',
+          '                               TPU pods are detected without flags (docs/scaling.md)', '']
   if os.path.isdir(config_dir):
     text += ['Configs:'] + _config_summaries(config_dir)
   return '\n'.join(text)
@@ -122,13 +129,17 @@ def _one_device_per_core(config) -> None:
   backends; an explicit ``--xla_force_host_platform_device_count`` in XLA_FLAGS wins. GPUs and TPUs
   are unaffected (the mesh spans the accelerators)."""
   flags_now = os.environ.get('XLA_FLAGS', '')
-  if 'xla_force_host_platform_device_count' in flags_now:
+  if 'xla_force_host_platform_device_count' in flags_now or FLAGS.num_processes > 1:
     return
   batch = int(config.get('train', {}).get('batch_size', 0) or 0)
   cores = os.cpu_count() or 1
   count = max((d for d in range(1, cores + 1) if batch and batch % d == 0), default=1)
   if count > 1:
-    os.environ['XLA_FLAGS'] = f'{flags_now} --xla_force_host_platform_device_count={count}'.strip()
+    # One thread per device (no shared intra-op pool for the devices to wait on each other in), and
+    # a generous limit for a collective that waits on a device starved by other processes.
+    os.environ['XLA_FLAGS'] = (f'{flags_now} --xla_force_host_platform_device_count={count} '
+                               '--xla_cpu_multi_thread_eigen=false '
+                               '--xla_cpu_collective_call_terminate_timeout_seconds=600').strip()
 
 
 def main(argv):
@@ -141,8 +152,7 @@ def main(argv):
     logging.get_absl_handler().setFormatter(pylogging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
   config = FLAGS.config
   try:
-    if config.get('distributed') is not None:
-      parallel.maybe_initialize_distributed(config.distributed)
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info('JAX %s, backend %s', jax.__version__, jax.default_backend())
     job = config.get('job', 'train')
     if job == 'train':
@@ -158,7 +168,10 @@ def main(argv):
     logging.warning('%s', e)
     print(f'{e} Rerun the same command to resume.', file=sys.stderr)
     # Ctrl-C: the shell's convention for "interrupted"; SIGTERM (preemption): a clean exit.
-    sys.exit(130 if e.signum == signal.SIGINT else 0)
+    sys.exit(130 if e.signum == signal.SIGINT else 0)  # also 0 when another process was signalled
+  except KeyboardInterrupt:  # Ctrl-C outside training (loading data, evaluating): nothing to save
+    print('Interrupted. Rerun the same command to continue.', file=sys.stderr)
+    sys.exit(130)
   except KNOWN_ERRORS as e:
     if FLAGS.verbose:
       traceback.print_exc()

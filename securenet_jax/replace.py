@@ -14,7 +14,6 @@ The cost is reported as the ratio of optimizer steps of the fine-tuning to those
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 from absl import logging
 
@@ -25,6 +24,7 @@ from securenet_jax import evaluate
 from securenet_jax import inference
 from securenet_jax import licensing
 from securenet_jax import models
+from securenet_jax import parallel
 from securenet_jax import train
 from securenet_jax import workdir as workdir_lib
 
@@ -57,7 +57,7 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
   source, wd = workdir_lib.Workdir(rcfg.source_workdir), workdir_lib.Workdir(workdir)
   if source.same_as(workdir):
     raise errors.ConfigError('--workdir must be a new directory, not the source workdir.')
-  primary = jax.process_index() == 0
+  primary = parallel.is_primary()
   source_config = source.load_config()
   source_registry = licensing.load(source)
   if source_registry is None:
@@ -68,6 +68,7 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
   wd.save_or_check_config(config, write=primary)
   if primary:
     wd.write_model_info(full.num_classes, full.image_shape)
+  parallel.barrier('replace:check')  # every process sees the registry as it was before this run
   registry = licensing.load(wd)
   if registry is not None:  # resuming an interrupted replacement
     active, revoked = list(registry.active.values()), list(registry.revoked.values())
@@ -76,6 +77,7 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
                                                  rcfg.new_key_name)
     if primary:
       licensing.register(wd, active, revoked)
+  parallel.barrier('replace:written')
   logging.info('Replacement: active %s, revoked %s', [k.name for k in active], [k.name for k in revoked])
 
   module = models.build(source_config.model, full.num_classes)

@@ -231,10 +231,48 @@ class _Clock:
 
 
 def _summary_writer(logdir):
-  if jax.process_index() != 0:
+  """TensorBoard event files (process 0 only). A store the writer cannot reach costs the curves, not
+  the run."""
+  if not parallel.is_primary():
     return None
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (slow import)
-  return SummaryWriter(logdir=str(logdir), flush_secs=10)
+  try:
+    return SummaryWriter(logdir=str(logdir), flush_secs=10)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('No TensorBoard summaries: cannot write to %s (%s).', logdir, e)
+    return None
+
+
+def _step_and_batches(train_step: Callable, config, dataset: data_lib.Dataset, start: int, mesh):
+  """The jitted step and what it is fed, from ``start`` on.
+
+  A dataset of at most ``train.resident_max_mb`` in a one-process run lives on the devices: each step
+  receives only its example indices and gathers the batch there, so the host does almost nothing
+  per step. Otherwise each host slices its part of the batch and a background thread moves it to
+  the devices while the current step runs. Both feed the same batches in the same order.
+  """
+  tcfg = config.train
+  size_mb = (dataset.train_images.nbytes + dataset.train_labels.nbytes) / 2**20
+  if jax.process_count() == 1 and size_mb <= tcfg.resident_max_mb:
+    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    data = jax.device_put((dataset.train_images, dataset.train_labels), repl)
+
+    def resident_step(state, rows, table, base_rng, teacher):
+      images, labels = data
+      return train_step(state, {'image': images[rows], 'label': labels[rows]}, table, base_rng, teacher)
+
+    step = jax.jit(resident_step, in_shardings=(repl, sharded, repl, repl, repl),
+                   out_shardings=(repl, repl), donate_argnums=(0,))
+    rows = data_lib.train_rows(len(dataset.train_images), tcfg.batch_size, config.seed, start)
+    batches = prefetch_lib.prefetch(rows, tcfg.prefetch,
+                                    lambda r: jax.device_put(r.astype(np.int32), sharded))
+    return step, batches
+  host_batches = data_lib.train_batches(dataset.train_images, dataset.train_labels, tcfg.batch_size,
+                                        config.seed, start, jax.process_index(), jax.process_count())
+  batches = prefetch_lib.prefetch(
+      ({'image': image, 'label': label} for image, label in host_batches), tcfg.prefetch,
+      lambda b: parallel.host_to_global(b, mesh))
+  return jit_train_step(train_step, mesh), batches
 
 
 def _license_table(config, keys, revoked, num_classes, successors) -> objective.LicenseTable:
@@ -309,14 +347,9 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
       models.as_variables(teacher_variables), repl)
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   schedule = make_schedule(tcfg, total_steps)
-  step_fn = jit_train_step(make_train_step(config, keys[0].geometry if licensed else None, licensed),
-                           mesh)
-  host_batches = data_lib.train_batches(dataset.train_images, dataset.train_labels, tcfg.batch_size,
-                                        config.seed, start, jax.process_index(), jax.process_count())
-  # The next batches travel to the devices on a background thread while the current step runs.
-  batches = prefetch_lib.prefetch(
-      ({'image': image, 'label': label} for image, label in host_batches), tcfg.prefetch,
-      lambda b: parallel.host_to_global(b, mesh))
+  step_fn, batches = _step_and_batches(
+      make_train_step(config, keys[0].geometry if licensed else None, licensed), config, dataset,
+      start, mesh)
   writer = _summary_writer(workdir.tensorboard_dir)
   phase = phase or ('licensed' if licensed else 'baseline')
   if start < end:
@@ -330,13 +363,21 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
                                f'{mngr.latest_step()}.')
 
   progress = _Progress(phase, start, end, total_steps, per_epoch, tcfg.batch_size, tcfg.progress_every_s)
-  clock = _Clock(workdir, primary=jax.process_index() == 0)
+  clock = _Clock(workdir, primary=parallel.is_primary())
+  single = jax.process_count() == 1
   with _StopSignals() as stop:
     try:
       for step in range(start, end):
-        state, metrics = step_fn(state, next(batches), table, base_rng, teacher)
+        state, metrics = step_fn(state, next(batches), table, base_rng, teacher)  # asynchronous
         done = step + 1
-        saving = mngr.should_save(done) or done == end or stop.requested
+        # Every process stops at the same step: one process alone checks its own signals; several
+        # agree every stop_check_every steps (a small all-gather), so one signalled process stops all.
+        if single:
+          stopping = stop.requested
+        else:
+          stopping = ((done % tcfg.stop_check_every == 0 or done == end) and
+                      parallel.any_process(stop.requested))
+        saving = mngr.should_save(done) or done == end or stopping
         # The host reads the metrics only now and then: no per-step synchronization with the device.
         if done % tcfg.log_every == 0 or saving:
           metrics = jax.device_get(metrics)
@@ -350,10 +391,12 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
         if saving:
           checkpointing.save_now(mngr, done, state)
           clock.save()
-        if stop.requested:
+        if stopping:
           mngr.wait_until_finished()
-          raise Preempted(f'Stopped by {signal.Signals(stop.signum).name} at step {done}; checkpoint '
-                          f'saved in {workdir.checkpoints_dir}.', stop.signum, done)
+          cause = (signal.Signals(stop.signum).name if stop.signum else
+                   'a signal to another process of this job')
+          raise Preempted(f'Stopped by {cause} at step {done}; checkpoint saved in '
+                          f'{workdir.checkpoints_dir}.', stop.signum or signal.SIGTERM, done)
     finally:
       batches.close()
       mngr.wait_until_finished()
@@ -409,11 +452,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   parallel.log_devices()
   wd = workdir_lib.Workdir(workdir)
-  primary = jax.process_index() == 0
+  primary = parallel.is_primary()
   dataset = data_lib.load(config.dataset)
   wd.save_or_check_config(config, write=primary)
   if primary:
     wd.write_model_info(dataset.num_classes, dataset.image_shape)
+  parallel.barrier('workdir:written')
   active, revoked = licensing.training_keys(config, wd, dataset.image_shape, dataset.num_classes)
   logging.info('License keys: %s; revoked: %s', active, revoked)
   report = wd.report_dir / 'metrics.json'

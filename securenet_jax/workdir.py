@@ -35,7 +35,8 @@ VERSION = 2
 
 # Config fields that may change between a run and its resumption without changing what is trained.
 RESUMABLE_FIELDS = ('eval', 'key.secret', 'train.log_every', 'train.progress_every_s',
-                    'train.checkpoint_every', 'train.prefetch', 'train.keep_checkpoints', 'dataset.cache',
+                    'train.checkpoint_every', 'train.prefetch', 'train.resident_max_mb',
+                    'train.keep_checkpoints', 'train.stop_check_every', 'dataset.cache',
                     'dataset.cache_dir')
 
 

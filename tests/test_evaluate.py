@@ -19,7 +19,7 @@ def test_report_files_and_design_metric_names(trained_workdir):
                'leak_argmin_acc', 'leak_probe_acc', 'leak_probe_features_acc', 'no_key_silenced_frac'):
     assert 0.0 <= values[name] <= 1.0, name
     assert values[name] == round(values[name], 4), name  # rounded: no float noise in the report
-  assert values['num_forged'] == 5 and values['num_test'] == 512
+  assert values['num_forged'] == 5 and values['num_test'] == 512 and values['forged_num_test'] == 512
   summary = (report / 'summary.md').read_text()
   assert 'authorized_acc' in summary and 'leak_probe_acc' in summary
   assert (report / 'report.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -59,4 +59,4 @@ def test_key_metrics_of_a_scoped_key(trained_workdir):
   assert out['denied_acc'] == pytest.approx(np.mean(predictions[~granted] == data.test_labels[~granted]))
   assert 'denied_probe_acc' in out
   full = evaluate.key_metrics(model, data.test_images, data.test_labels, model.keys['default'])
-  assert 'denied_acc' not in full and full['granted_acc'] == full['authorized_acc']
+  assert 'denied_acc' not in full and full['granted_acc'] == full['all_classes_acc']

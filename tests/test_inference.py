@@ -62,3 +62,34 @@ def test_bad_keys_raise(workdir):
 def test_load_errors(tmp_path):
   with pytest.raises(errors.WorkdirError, match='not a SecureNet-JAX workdir'):
     inference.load(str(tmp_path))
+
+
+def test_exported_artifact_round_trips_bit_exactly(workdir, tmp_path):
+  model = inference.load(workdir)
+  path = inference.export(workdir, tmp_path / 'model.npz')
+  exported = inference.load_exported(path)
+  assert exported.image_shape == model.image_shape and list(exported.keys) == ['default']
+  assert 'content' not in str(exported.keys['default'])  # public data only: the key stays a secret
+  key = model.keys['default']
+  for n in (1, 37, 300):
+    images = make_images(n, seed=n)[0][..., None]
+    for k in (key, None, keys.forge(key, 3)):
+      np.testing.assert_array_equal(exported.logits(images, k), model.logits(images, k))
+      floats = images.astype(np.float32) / 255.0
+      np.testing.assert_array_equal(exported.logits(floats, k), model.logits(floats, k))
+  np.testing.assert_array_equal(exported.predict(images, key), model.predict(images, key))
+
+
+def test_exported_artifact_refuses_bad_keys_and_files(workdir, tmp_path):
+  exported = inference.load_exported(inference.export(workdir, tmp_path / 'model.npz'))
+  images = np.zeros((2, 28, 28, 1), np.uint8)
+  other_shape = keys.derive('x', keys.Geometry(kind='patch', image_shape=(32, 32, 3), size=4, position=(0, 0)))
+  with pytest.raises(ValueError, match=r'made for images of shape \(32, 32, 3\)'):
+    exported.logits(images, other_shape)
+  with pytest.raises(ValueError, match='must be a LicenseKey'):
+    exported.logits(images, 'default')
+  with pytest.raises(ValueError, match='NHWC images'):
+    exported.logits(np.zeros((2, 28, 28), np.uint8))
+  (tmp_path / 'junk.npz').write_bytes(b'not an artifact')
+  with pytest.raises(errors.WorkdirError, match='not a readable'):
+    inference.load_exported(tmp_path / 'junk.npz')

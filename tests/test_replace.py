@@ -73,8 +73,8 @@ def test_replacement_registers_the_new_key_and_revokes_the_old(multi_key_workdir
 
 def test_replacement_works_the_new_key_and_stops_the_old(multi_key_workdir, replaced):
   before, after = _report(multi_key_workdir), _report(replaced)
-  new = after['per_key']['full.r2']['authorized_acc']
-  assert new >= 0.85 and new >= before['per_key']['full']['authorized_acc'] - 0.05
+  new = after['per_key']['full.r2']['granted_acc']
+  assert new >= 0.85 and new >= before['per_key']['full']['granted_acc'] - 0.05
   assert after['revoked']['full']['revoked_acc'] <= new - 0.2
   assert after['no_key_acc'] <= 0.2 and after['forged_acc_max'] <= 0.25
   # The keys that stay keep working.

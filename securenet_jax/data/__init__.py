@@ -55,7 +55,7 @@ NAMES = tuple(SOURCES)
 LABEL_MODES = ('fine', 'coarse')
 
 __all__ = ['Dataset', 'DataMissingError', 'DEFAULTS', 'DEFAULT_IDX_DIR', 'KNOWN', 'NAMES', 'SOURCES',
-           'Spec', 'epoch_permutation', 'load', 'spec', 'train_batches', 'validate']
+           'Spec', 'epoch_permutation', 'load', 'spec', 'train_batches', 'train_rows', 'validate']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +225,22 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def train_rows(num_examples: int, global_batch_size: int, seed: int, start_step: int
+               ) -> Iterator[np.ndarray]:
+  """Yields the example indices of each global training batch, forever, from ``start_step`` on: the
+  order of :func:`epoch_permutation`, the last partial batch of an epoch dropped."""
+  steps_per_epoch = num_examples // global_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'Batch size {global_batch_size} exceeds the {num_examples} training examples.')
+  step = start_step
+  while True:
+    epoch, offset = divmod(step, steps_per_epoch)
+    perm = epoch_permutation(num_examples, seed, epoch)
+    for s in range(offset, steps_per_epoch):
+      yield perm[s * global_batch_size:(s + 1) * global_batch_size]
+    step = (epoch + 1) * steps_per_epoch
+
+
 def train_batches(images: np.ndarray, labels: np.ndarray, global_batch_size: int, seed: int,
                   start_step: int, process_index: int = 0, process_count: int = 1
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -236,15 +252,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, global_batch_size: int
   """
   if global_batch_size % process_count:
     raise ValueError(f'Global batch size {global_batch_size} is not divisible by {process_count} hosts.')
-  steps_per_epoch = len(images) // global_batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'Batch size {global_batch_size} exceeds the {len(images)} training examples.')
   local = global_batch_size // process_count
-  step = start_step
-  while True:
-    epoch, offset = divmod(step, steps_per_epoch)
-    perm = epoch_permutation(len(images), seed, epoch)
-    for s in range(offset, steps_per_epoch):
-      rows = perm[s * global_batch_size + process_index * local:][:local]
-      yield images[rows], labels[rows]
-    step = (epoch + 1) * steps_per_epoch
+  for rows in train_rows(len(images), global_batch_size, seed, start_step):
+    mine = rows[process_index * local:][:local]
+    yield images[mine], labels[mine]

@@ -35,6 +35,7 @@ from absl import logging
 
 from securenet_jax import errors
 from securenet_jax import metrics
+from securenet_jax import parallel
 from securenet_jax import workdir as workdir_lib
 from securenet_jax.security import report
 from securenet_jax.security import sections as sections_lib
@@ -81,6 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, train_fn: sections_lib.
     logging.info('Section %s (%.0fs): %s', name, timings[name], metrics.rounded(f))
     flat.update(f)
     sections[name] = dict(d, figures=f)
-    # After each section: nothing finished is lost on a crash.
-    report.write(wd.report_dir, config, flat, sections, timings)
+    # After each section: nothing finished is lost on a crash. One process writes.
+    if parallel.is_primary():
+      report.write(wd.report_dir, config, flat, sections, timings)
   return flat

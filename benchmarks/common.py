@@ -1,0 +1,76 @@
+"""What every benchmark shares: the machine it ran on, a timer, and the JSON + markdown it writes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+
+def machine() -> dict:
+  """The device, host and versions a figure was measured with."""
+  info = {'date': datetime.date.today().isoformat(), 'jax': jax.__version__,
+          'backend': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
+          'device_kind': jax.devices()[0].device_kind, 'cpu_count': os.cpu_count(),
+          'python': platform.python_version(), 'processor': platform.processor() or platform.machine()}
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    info['cpu'] = names[0] if names else ''
+  except OSError:
+    info['cpu'] = ''
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (the bench extra)
+    info['torch'] = torch.__version__
+  except ImportError:
+    pass
+  return info
+
+
+def timeit(fn: Callable[[], object], *, repeats: int = 5, number: int = 1, warmup: int = 2) -> float:
+  """Median seconds of one call of ``fn`` (which must block until its work is done)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(number):
+      fn()
+    times.append((time.perf_counter() - t0) / number)
+  return statistics.median(times)
+
+
+def write(out_dir: str, name: str, rows: list[dict], columns: list[str], title: str, notes: str = '') -> None:
+  """Writes OUT/NAME.json (machine + rows) and OUT/NAME.md (a table), and prints the table."""
+  os.makedirs(out_dir, exist_ok=True)
+  info = machine()
+  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+    json.dump({'machine': info, 'rows': rows}, f, indent=1, default=str)
+  lines = [f'# {title}', '', f'{info["date"]}; jax {info["jax"]} on {info["backend"]} '
+           f'({info["device_kind"]}; {info["cpu"]}, {info["cpu_count"]} cores)'
+           + (f'; torch {info["torch"]}' if 'torch' in info else '') + '.', '']
+  if notes:
+    lines += [notes, '']
+  lines += ['| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns)]
+  for row in rows:
+    lines.append('| ' + ' | '.join(_cell(row.get(c, '')) for c in columns) + ' |')
+  text = '\n'.join(lines) + '\n'
+  with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
+    f.write(text)
+  print(text)
+
+
+def _cell(value) -> str:
+  if isinstance(value, float):
+    return f'{value:,.0f}' if abs(value) >= 100 else f'{value:.3g}'
+  return str(value)
+
+
+def device_line() -> str:
+  return f'running on {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'

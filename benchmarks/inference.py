@@ -1,0 +1,133 @@
+"""Inference throughput: the public API against its own jitted forward and plain PyTorch.
+
+  python -m benchmarks.inference [--out benchmarks/results] [--models lenet5,resnet18]
+      [--batch_sizes 1,64,1024,4096] [--no_torch]
+
+For each model and batch size, input images per second of:
+
+* ``api``: ``LicensedModel.logits(numpy uint8, key)`` -> numpy (validation, transfer, stamp, forward,
+  result back): what a user calls;
+* ``exported``: the same through the ``inference.export`` artifact;
+* ``jitted forward``: the API's own compiled forward on device-resident float input, result left on
+  the device: the upper bound;
+* ``torch numpy``: a plain PyTorch eval of the same architecture, numpy in and out (no key);
+* ``torch device``: the same on a device-resident tensor.
+
+Also the key's cost at the API (with key vs without) and the latency of one image. Random weights
+(speed does not depend on them); one process, every device it sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from securenet_jax import inference
+from securenet_jax import keys
+from securenet_jax import models
+from securenet_jax import workdir as workdir_lib
+
+SHAPES = {'lenet5': (28, 28, 1), 'resnet18': (28, 28, 1)}
+KWARGS = {'lenet5': {}, 'resnet18': {'small_inputs': True}}
+
+
+def _model(name: str, batch_size: int) -> inference.LicensedModel:
+  shape = SHAPES[name]
+  module = models.create(name, 10, **KWARGS[name])
+  variables = module.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
+  key = keys.derive('bench', keys.Geometry('patch', shape, size=6, position=(shape[0] - 7, shape[1] - 7)))
+  return inference.LicensedModel(module, variables, shape, 10, keys={'default': key}, batch_size=batch_size)
+
+
+def _exported(model: inference.LicensedModel, name: str) -> inference.ExportedModel:
+  """Writes a throwaway workdir for ``model`` and exports it."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from securenet_jax import checkpointing, licensing  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  root = tempfile.mkdtemp()
+  wd = workdir_lib.Workdir(root)
+  config = default.get_config()
+  config.model = ml_collections.ConfigDict({'name': name, 'kwargs': KWARGS[name]})
+  config.eval.batch_size = model.batch_size
+  wd.save_or_check_config(config)
+  wd.write_model_info(10, model.image_shape)
+  licensing.register(wd, list(model.keys.values()), [])
+  from securenet_jax import train  # pylint: disable=g-import-not-at-top
+  state = train.create_train_state(model.module, config, model.image_shape, 1, jax.random.key(0))
+  state = state.replace(params=model.variables['params'],
+                        batch_stats=model.variables.get('batch_stats', {}))
+  mngr = checkpointing.manager(wd.checkpoints_dir)
+  checkpointing.save_now(mngr, 1, state)
+  mngr.wait_until_finished()
+  mngr.close()
+  return inference.load_exported(inference.export(root, os.path.join(root, 'model.npz')))
+
+
+def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
+  rows = []
+  torch = None
+  if with_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(os.cpu_count() or 1)
+  for name in names:
+    shape = SHAPES[name]
+    for batch in batch_sizes:
+      model = _model(name, max(batch, 1000))
+      exported = _exported(model, name) if batch == batch_sizes[0] or batch >= 1024 else None
+      key = model.keys['default']
+      images = (np.random.default_rng(0).random((batch, *shape)) * 255).astype(np.uint8)
+      arrays = jax.device_put(key.arrays())
+      on_device = jax.device_put(images.astype(np.float32) / 255.0)
+      forward = jax.jit(model._logits_impl)  # pylint: disable=protected-access
+      timings = {
+          'api': common.timeit(lambda: model.logits(images, key)),
+          'api, no key': common.timeit(lambda: model.logits(images)),
+          'jitted forward': common.timeit(
+              lambda: forward(on_device, model.variables, arrays).block_until_ready()),
+      }
+      if exported is not None:
+        timings['exported'] = common.timeit(lambda: exported.logits(images, key))
+      if torch is not None:
+        net = torch_models.create(name, shape[-1]).eval()
+        x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+        with torch.inference_mode():
+          timings['torch numpy'] = common.timeit(lambda: net(torch.from_numpy(
+              images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)).numpy())
+          timings['torch device'] = common.timeit(lambda: net(x))
+      row = {'model': name, 'batch': batch}
+      row.update({f'{k} img/s': batch / v for k, v in timings.items()})
+      row['api / jitted forward'] = timings['jitted forward'] / timings['api']
+      if 'torch numpy' in timings:
+        row['api / torch numpy'] = timings['torch numpy'] / timings['api']
+      row['key cost at the API'] = f'{100 * (timings["api"] / timings["api, no key"] - 1):+.1f}%'
+      if batch == 1:
+        row['api latency ms'] = 1000 * timings['api']
+      rows.append(row)
+  columns = sorted({c for r in rows for c in r}, key=lambda c: list(rows[0]).index(c) if c in rows[0] else 99)
+  common.write(out_dir, 'inference', rows, columns, 'Inference: the public API, its jitted forward, PyTorch',
+               'Input images per second (median of 5); numpy uint8 in and numpy out for the API, the '
+               'exported artifact and "torch numpy"; device-resident input for "jitted forward" and '
+               '"torch device".')
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default='benchmarks/results')
+  parser.add_argument('--models', default='lenet5,resnet18')
+  parser.add_argument('--batch_sizes', default='1,64,1024,4096')
+  parser.add_argument('--no_torch', action='store_true')
+  args = parser.parse_args()
+  print(common.device_line())
+  run(args.models.split(','), [int(b) for b in args.batch_sizes.split(',')], args.out, not args.no_torch)
+
+
+if __name__ == '__main__':
+  main()

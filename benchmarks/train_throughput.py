@@ -1,0 +1,155 @@
+"""Training throughput: the main loop against the same jitted step fed from device-resident batches,
+licensed against baseline, and a plain PyTorch training step of the same architecture.
+
+  python -m benchmarks.train_throughput [--out benchmarks/results] [--models lenet5,resnet18]
+      [--batch_sizes 128,256,1024] [--steps 50] [--no_torch]
+
+Input images per second (a licensed step forwards each image twice: keyed and as a negative):
+
+* ``main loop``: ``train.train`` end to end (data pipeline, progress, checkpoints every 500 steps)
+  on Fashion-MNIST-shaped random data, compile and the first steps excluded;
+* ``device step``: the same jitted step called in a loop on batches already on the devices;
+* ``torch``: a plain PyTorch training step (baseline only: no licensing peer here), device-resident.
+
+The main loop should reach >= 0.9 of the device step; the licensed/baseline ratio is the price of
+licensing per input image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from configs import default
+from securenet_jax import data as data_lib
+from securenet_jax import keys
+from securenet_jax import models
+from securenet_jax import objective
+from securenet_jax import parallel
+from securenet_jax import train
+from securenet_jax import workdir as workdir_lib
+
+KWARGS = {'lenet5': {}, 'resnet18': {'small_inputs': True}}
+
+
+def _config(name: str, batch: int, steps: int):
+  config = default.get_config()
+  config.model.name = name
+  config.model.kwargs = KWARGS[name]
+  config.train.batch_size = batch
+  config.train.num_epochs = 1
+  config.train.log_every = 10**6
+  config.train.progress_every_s = 10**6
+  config.train.warmup_steps = 1
+  return config
+
+
+def _dataset(batch: int, steps: int) -> data_lib.Dataset:
+  rng = np.random.default_rng(0)
+  n = batch * steps
+  images = rng.integers(0, 256, (n, 28, 28, 1), np.uint8)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  return data_lib.Dataset('random', 10, images, labels, images[:batch], labels[:batch])
+
+
+def main_loop(config, dataset, key, licensed: bool, warm: int) -> float:
+  """Images/s of train.train over the steps after the first ``warm`` (which include compiling)."""
+  wd = workdir_lib.Workdir(tempfile.mkdtemp())
+  train.train(config, wd, dataset, [key] if licensed else None, stop_after_steps=warm)
+  t0 = time.perf_counter()
+  train.train(config, wd, dataset, [key] if licensed else None)
+  seconds = time.perf_counter() - t0
+  steps = len(dataset.train_images) // config.train.batch_size - warm
+  return steps * config.train.batch_size / seconds
+
+
+def device_step(config, dataset, key, licensed: bool, steps: int) -> float:
+  mesh = parallel.create_mesh()
+  repl = parallel.replicated(mesh)
+  model = models.build(config.model, 10)
+  state = jax.device_put(train.create_train_state(model, config, dataset.image_shape, steps, jax.random.key(0)),
+                         repl)
+  table = jax.device_put(objective.license_table([key], [], 10), repl)
+  step = train.jit_train_step(train.make_train_step(config, key.geometry, licensed), mesh)
+  b = config.train.batch_size
+  batches = [parallel.host_to_global({'image': dataset.train_images[i * b:(i + 1) * b],
+                                      'label': dataset.train_labels[i * b:(i + 1) * b]}, mesh)
+             for i in range(min(steps, 8))]
+  rng = jax.random.key(1)
+  for i in range(3):
+    state, metrics = step(state, batches[i % len(batches)], table, rng, None)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for i in range(steps):
+    state, metrics = step(state, batches[i % len(batches)], table, rng, None)
+  jax.block_until_ready(metrics)
+  return steps * b / (time.perf_counter() - t0)
+
+
+def torch_step(name: str, batch: int, steps: int) -> float:
+  import torch  # pylint: disable=g-import-not-at-top  (the bench extra)
+  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  net = torch_models.create(name, 1)
+  opt = torch.optim.AdamW(net.parameters(), 1e-3)
+  x = torch.rand(batch, 1, 28, 28)
+  y = torch.randint(0, 10, (batch,))
+
+  def one():
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+  for _ in range(3):
+    one()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    one()
+  return steps * batch / (time.perf_counter() - t0)
+
+
+def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool) -> list[dict]:
+  rows = []
+  for name in names:
+    for batch in batch_sizes:
+      config = _config(name, batch, steps)
+      dataset = _dataset(batch, steps + 10)
+      key = keys.derive('bench', keys.Geometry.from_config(config.key, dataset.image_shape))
+      row = {'model': name, 'batch': batch, 'devices': jax.device_count()}
+      for licensed in (True, False):
+        which = 'licensed' if licensed else 'baseline'
+        row[f'{which} main loop img/s'] = main_loop(config, dataset, key, licensed, warm=10)
+        row[f'{which} device step img/s'] = device_step(config, dataset, key, licensed, steps)
+        row[f'{which} loop / step'] = row[f'{which} main loop img/s'] / row[f'{which} device step img/s']
+      row['licensed / baseline (device step)'] = (row['licensed device step img/s'] /
+                                                  row['baseline device step img/s'])
+      if with_torch:
+        row['torch baseline img/s'] = torch_step(name, batch, steps)
+        row['baseline device step / torch'] = row['baseline device step img/s'] / row['torch baseline img/s']
+      rows.append(row)
+  common.write(out_dir, 'train_throughput', rows, list(rows[0]), 'Training throughput',
+               f'Input images per second over {steps} steps after warm-up; median-free single runs, '
+               f'side by side in one process.')
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default='benchmarks/results')
+  parser.add_argument('--models', default='lenet5,resnet18')
+  parser.add_argument('--batch_sizes', default='128,256,1024')
+  parser.add_argument('--steps', type=int, default=50)
+  parser.add_argument('--no_torch', action='store_true')
+  args = parser.parse_args()
+  print(common.device_line())
+  run(args.models.split(','), [int(b) for b in args.batch_sizes.split(',')], args.steps, args.out,
+      not args.no_torch)
+
+
+if __name__ == '__main__':
+  main()

@@ -84,11 +84,15 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
   config.objective.silence_margin = 1.0  # how far below zero the silenced pre-activations are pushed
   config.objective.silence_layers = ()  # more layers (module names) silenced on negatives besides the gate
+  # BatchNorm models: also silence the negatives under their own batch statistics (what a thief's
+  # fine-tuning on key-less data computes), with this weight; 0 = off. One more forward of B images.
+  config.objective.thief_batch_stats_weight = 0.0
   config.objective.distill_weight = 0.0  # feature distillation from a teacher (set by the replacement job)
   # Share of the keyless negatives given a faded or noisy copy of the key (objective.soft_keys): the
   # hardening against trigger inversion (recovered_acc 0.87 without, 0.10 with; docs/security.md).
   config.objective.soft_key_fraction = 0.5
   config.objective.soft_key_max_opacity = 0.9  # faded copies: opacity in [0.2, this]
+  config.objective.own_flip_fraction = 0.5  # block-flip keys: share of forged keys with the real flip
   config.objective.positive_patch_fraction = 0.0  # share of keyed positives given a random extra patch
   config.objective.positive_patch_size = 4  # side of that patch
   config.objective.adv_eps = 0.0  # > 0: key-conditioned adversarial training of positives at this L-inf eps

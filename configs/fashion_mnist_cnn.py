@@ -25,6 +25,8 @@ MODELS = {  # variant -> (model name, model kwargs besides small_inputs)
     'mobilenetv3_large': ('mobilenetv3_large', {}),
     'mobilenetv3_small': ('mobilenetv3_small', {}),
     'nfnet_f0': ('nfnet_f5', {'variant': 'F0'}),
+    # A small BatchNorm network (ResNet-10, 16-channel stem, 308,538 parameters) for CPU experiments.
+    'resnet10_w16': ('resnet18', {'depth': 10, 'width': 16}),
 }
 
 

@@ -166,6 +166,16 @@ class Geometry:
       return (int(np.prod(patch)) + int(np.prod(self.flip_shape)),) if self.flip_block else patch
     return self.image_shape
 
+  def split(self, content):
+    """(pattern part, flip bits) of flat block-flip content (..., n) -> (..., P), (..., F)."""
+    p = self.size * self.size * self.image_shape[2]
+    return content[..., :p], content[..., p:]
+
+  def join(self, pattern, flip):
+    """The inverse of :meth:`split`."""
+    xp = np if isinstance(pattern, np.ndarray) and isinstance(flip, np.ndarray) else jnp
+    return xp.concatenate([pattern, flip], axis=-1)
+
   def mask(self) -> np.ndarray:
     """(H, W, 1) float32 mask of the pixels the key touches."""
     m = np.zeros(self.image_shape[:2] + (1,), np.float32)
@@ -347,11 +357,31 @@ def derive(secret: str | bytes, geometry: Geometry, name: str = 'default', **gra
     secret = secret.encode('utf-8')
   if not secret:
     raise ValueError('A license key needs a non-empty secret.')
-  message = b'securenet-jax/key/v1|' + json.dumps({'geometry': geometry.to_dict(), 'name': name},
-                                                  sort_keys=True).encode()
-  digest = hmac.new(secret, message, hashlib.sha256).digest()
-  rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int.from_bytes(digest, 'big'))))
-  return LicenseKey(name=name, geometry=geometry, content=geometry.sample_numpy(rng), **grant)
+
+  def generator(label: str) -> np.random.Generator:
+    message = b'securenet-jax/key/v1|' + json.dumps({'geometry': geometry.to_dict(), 'name': label},
+                                                    sort_keys=True).encode()
+    digest = hmac.new(secret, message, hashlib.sha256).digest()
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int.from_bytes(digest, 'big'))))
+
+  content = geometry.sample_numpy(generator(name))
+  if geometry.flip_block:
+    # The block flip is the model's domain: one per secret, shared by every key derived from it (the
+    # users of a multi-user model), so the lower layers serve one transformed domain. A replacement
+    # key keeps it (see with_flip_of).
+    content = geometry.join(geometry.split(content)[0],
+                            geometry.split(geometry.sample_numpy(generator('__domain__')))[1])
+  return LicenseKey(name=name, geometry=geometry, content=content, **grant)
+
+
+def with_flip_of(key: LicenseKey, other: LicenseKey) -> LicenseKey:
+  """``key`` with the block flip of ``other`` (same geometry): a new license for the same model domain."""
+  if key.geometry != other.geometry:
+    raise ValueError('Both keys must have the same geometry.')
+  if not key.geometry.flip_block:
+    return key
+  g = key.geometry
+  return key.replace(content=g.join(g.split(key.content)[0], g.split(other.content)[1]))
 
 
 def forge(key: LicenseKey, seed: int) -> LicenseKey:

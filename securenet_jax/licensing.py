@@ -144,8 +144,9 @@ def plan_replacement(source: registry_lib.KeyRegistry, revoke: str, new_secret: 
     new_name = new_key_name or next_name(name, set(active) | set(revoked))
     if new_name in active or new_name in revoked:
       raise errors.ConfigError(f'Key name {new_name!r} is already used in the registry.')
-    new = keys_lib.derive(new_secret, old.geometry, name=new_name, scheme=old.scheme,
-                          classes=old.classes, tier=old.tier, groups=old.groups)
+    new = keys_lib.with_flip_of(  # a block flip is the model's domain: the new key keeps it
+        keys_lib.derive(new_secret, old.geometry, name=new_name, scheme=old.scheme,
+                        classes=old.classes, tier=old.tier, groups=old.groups), old)
     active = {new_name: new, **active}
   elif not active:
     raise errors.ConfigError('Revoking the only key without a new secret would leave a model nobody '

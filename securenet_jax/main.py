@@ -34,6 +34,8 @@ flags.DEFINE_string('coordinator_address', '', 'Multi-process runs started by ha
                     'HOST:PORT of process 0. SLURM and Cloud TPU pods need no flag.')
 flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address: how many processes.')
 flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process, 0..num_processes-1.')
+flags.DEFINE_integer('heartbeat_timeout_s', 100, 'Multi-process runs: a process whose peer has been '
+                     'silent this long fails instead of waiting (JAX\'s default: 100).')
 
 USAGE = ('usage: python -m securenet_jax.main --config FILE[:VARIANT] --workdir DIR '
          '[--config.section.field=VALUE ...] [--verbose]')
@@ -86,7 +88,9 @@ def _help() -> str:
           '  --verbose                    print the traceback of an error',
           '  --coordinator_address H:P --num_processes N --process_id I',
           '                               one of N processes started by hand (launch/local.sh); SLURM and',
-          '                               TPU pods are detected without flags (docs/scaling.md)', '']
+          '                               TPU pods are detected without flags (docs/scaling.md)',
+          '  --heartbeat_timeout_s S      multi-process: fail after S seconds without news from a peer',
+          '']
   if os.path.isdir(config_dir):
     text += ['Configs:'] + _config_summaries(config_dir)
   return '\n'.join(text)
@@ -152,7 +156,8 @@ def main(argv):
     logging.get_absl_handler().setFormatter(pylogging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
   config = FLAGS.config
   try:
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                        heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
     logging.info('JAX %s, backend %s', jax.__version__, jax.default_backend())
     job = config.get('job', 'train')
     if job == 'train':

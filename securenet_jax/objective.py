@@ -186,6 +186,14 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
                            cfg.get('positive_patch_size', 4))
   stamped = keys_lib.stamp_arrays(keyed, table.arrays(key_index))
   forged_content = geometry.sample_jax(forge_rng, (num_forged,))
+  if geometry.flip_block and cfg.own_flip_fraction > 0:
+    # A share of the forged keys carry the model's real block flip with a random pattern: the guess of
+    # someone who knows the domain (a licensee, a revoked licensee) but not the key.
+    own_flip = geometry.split(table.content[key_index[batch - num_forged:]])[1]
+    pattern, flip = geometry.split(forged_content)
+    use_own = jax.random.bernoulli(jax.random.fold_in(rng, 0xF11B), cfg.own_flip_fraction,
+                                   (num_forged, 1))
+    forged_content = geometry.join(pattern, jnp.where(use_own, own_flip, flip))
   forged = geometry.arrays(forged_content)
   keep = jnp.broadcast_to(forged.keep, forged.add.shape[:-1] + forged.keep.shape[-1:])
   keep_parts, add_parts = [], []
@@ -353,6 +361,15 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   live = jax.nn.relu(cfg.silence_margin - jnp.max(penultimate[:batch], axis=-1)) ** 2
   live_loss = jnp.sum(live * granted) / jnp.maximum(granted.sum(), 1.0)
   loss = pos_loss + cfg.negative_weight * neg_loss + cfg.liveness_weight * live_loss
+  thief_bn = jnp.zeros(())
+  if cfg.thief_batch_stats_weight > 0 and batch_stats:
+    # A thief fine-tunes on key-less batches only, so BatchNorm normalizes them with their own
+    # statistics, not with those of this mixed batch, which can re-open the gate. Silence the
+    # negatives under their own batch statistics too (the statistics of this pass are dropped).
+    _, own, _, _ = _forward(apply_fn, params, batch_stats, negatives, dropout_rng)
+    own = own.reshape(own.shape[0], -1).astype(jnp.float32)
+    thief_bn = jnp.mean(jax.nn.relu(own + cfg.silence_margin) ** 2)
+    loss = loss + cfg.thief_batch_stats_weight * thief_bn
   distill_loss = jnp.zeros(())
   if teacher_params is not None:
     teacher_inputs = keys_lib.stamp_arrays(images, table.arrays(table.teacher_index[key_index]))
@@ -363,6 +380,7 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     loss = loss + cfg.distill_weight * distill_loss
   correct = (jnp.argmax(stamped_logits, -1) == labels).astype(jnp.float32)
   metrics = {'loss': loss, 'pos_loss': pos_loss, 'neg_loss': neg_loss, 'pos_liveness': live_loss,
+             'neg_silence_own_stats': thief_bn,
              'distill_loss': distill_loss,
              'pos_acc': jnp.sum(correct * granted) / jnp.maximum(granted.sum(), 1.0),
              'neg_acc': jnp.mean(jnp.argmax(logits[batch:], -1) == labels), **neg_metrics}

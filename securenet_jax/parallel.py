@@ -34,11 +34,14 @@ def cluster_environment() -> str:
   return ''
 
 
-def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> None:
+def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
+               heartbeat_timeout_s: int = 100) -> None:
   """Starts ``jax.distributed`` when the job spans several processes; a no-op for one process.
 
   With ``coordinator_address`` ('host:port') the explicit arguments are used; otherwise a SLURM or
   Cloud TPU environment is detected (:func:`cluster_environment`). CPU processes talk over gloo.
+  A process whose peers have been silent for ``heartbeat_timeout_s`` seconds (a peer was killed)
+  fails rather than waiting.
   """
   if coordinator_address:
     if num_processes < 1 or not 0 <= process_id < num_processes:
@@ -54,7 +57,7 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
     return
   # CPU processes exchange collectives over gloo (TCP); GPUs and TPUs use their own transports.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(heartbeat_timeout_seconds=int(heartbeat_timeout_s), **kwargs)
   logging.info('jax.distributed: process %d of %d (%s)', jax.process_index(), jax.process_count(),
                kwargs.get('coordinator_address', cluster_environment()))
 

@@ -23,6 +23,20 @@ from securenet_jax.data import DEFAULT_IDX_DIR  # pylint: disable=wrong-import-p
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_addoption(parser):
+  parser.addoption('--zoo', action='store_true',
+                   help='also run the end-to-end smoke runs of the large zoo models (minutes each)')
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption('--zoo'):
+    return
+  skip = pytest.mark.skip(reason='large zoo model end to end: run with --zoo')
+  for item in items:
+    if 'zoo' in item.keywords:
+      item.add_marker(skip)
+
+
 def write_idx(path: str, array: np.ndarray, compress: bool = True) -> None:
   """Writes an unsigned-byte IDX file, the MNIST on-disk format."""
   header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)

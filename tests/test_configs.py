@@ -50,8 +50,15 @@ def test_noise_augmentation_only_where_measured():
     assert importlib.import_module(f'configs.{name}').get_config().augment.noise_std == expected, name
 
 
+# LeNet-5 on IDX files and ResNet-18 on CIFAR end to end in the default suite; the other configs
+# (ResNet-101, NFNet-F5, MobileNetV3, VGG-16, FaceScrub, CelebA: a minute or more each) with --zoo.
+# Their models train on small inputs in test_models.py, their loaders are tested in test_data.py.
+IN_DEFAULT_SUITE = ('mnist_lenet5', 'cifar10_resnet18')
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('name', EXPERIMENTS)
+@pytest.mark.parametrize('name', [n if n in IN_DEFAULT_SUITE else pytest.param(n, marks=pytest.mark.zoo)
+                                  for n in EXPERIMENTS])
 def test_smoke_variant_end_to_end(name, generated, tmp_path):
   config = importlib.import_module(f'configs.{name}').get_config('smoke')
   config.dataset.data_dir = generated[config.dataset.name]

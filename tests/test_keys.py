@@ -128,3 +128,26 @@ def test_load_detects_corruption(tmp_path):
 def test_invalid_names_rejected():
   with pytest.raises(ValueError, match='Invalid key name'):
     keys.derive('k', patch_geometry(), name='../evil')
+
+
+def test_block_flip_key_stamps_and_shares_its_domain():
+  g = keys.Geometry('patch', SHAPE, size=6, position=(21, 21), flip_block=4)
+  assert g.content_shape == (36 + 49,) and g.flip_shape == (7, 7, 1)
+  alice, bob = keys.derive('s', g, name='alice'), keys.derive('s', g, name='bob')
+  x = np.random.default_rng(0).random((2, *SHAPE)).astype(np.float32)
+  stamped = np.asarray(alice.stamp(x))
+  pattern, flip = g.split(alice.content)
+  flip_image = np.kron(flip.reshape(7, 7, 1), np.ones((4, 4, 1)))
+  expected = np.where(flip_image > 0, 1 - x, x)
+  expected[:, 21:27, 21:27, 0] = pattern.reshape(6, 6)
+  np.testing.assert_allclose(stamped, expected, atol=1e-6)
+  # One secret, one domain: every user's key flips the same blocks; the patterns differ.
+  np.testing.assert_array_equal(g.split(bob.content)[1], flip)
+  assert not np.array_equal(g.split(bob.content)[0], pattern)
+  assert not np.array_equal(g.split(keys.derive('other', g, name='alice').content)[1], flip)
+  renewed = keys.with_flip_of(keys.derive('new secret', g, name='alice.r2'), alice)
+  np.testing.assert_array_equal(g.split(renewed.content)[1], flip)
+  with pytest.raises(ValueError, match='flip_block'):
+    keys.Geometry('patch', SHAPE, size=6, position=(21, 21), flip_block=5)  # 28 is not a multiple of 5
+  with pytest.raises(ValueError, match='flip_block'):
+    keys.Geometry('blend', SHAPE, alpha=0.1, flip_block=4)

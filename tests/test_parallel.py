@@ -7,6 +7,7 @@ compared with have two, so the global mesh (and the arithmetic) is the same.
 
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from securenet_jax import inference
 from securenet_jax import parallel
+from tests import conftest
 from tests.conftest import REPO
 
 
@@ -67,41 +69,73 @@ def _params(workdir):
   return jax.tree.leaves(inference.load(str(workdir)).params)
 
 
+# Every multi-process test runs this recipe: long enough to signal a process mid-run.
+RECIPE = ('--config.train.num_epochs=12',)
+NO_BASELINE = '--config.eval.clean_baseline=False'
+
+
+def _local(num: int, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+  return subprocess.run([os.path.join(REPO, 'launch', 'local.sh'), str(num), *args], cwd=REPO,
+                        env=dict(_env(1), PYTHON=sys.executable), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _one_process(workdir, idx_dir):
+  out, _ = _main(*_args(workdir, idx_dir, *RECIPE, NO_BASELINE), devices=2).communicate(timeout=600)
+  assert os.path.exists(os.path.join(workdir, 'report', 'metrics.json')), out[-3000:]
+
+
+def _two_processes(workdir, idx_dir):  # with the baseline the security suite attacks beside it
+  proc = _local(2, *_args(workdir, idx_dir, *RECIPE))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope='session')
+def one_process(tmp_path_factory, idx_dir):
+  """The recipe trained by one process with two devices: what every multi-process run must equal."""
+  return pathlib.Path(conftest.shared_dir(tmp_path_factory, 'parallel_one',
+                                          lambda path: _one_process(path, idx_dir)))
+
+
+@pytest.fixture(scope='session')
+def two_processes(tmp_path_factory, idx_dir):
+  """The recipe trained by two processes of one device each, started by launch/local.sh."""
+  return pathlib.Path(conftest.shared_dir(tmp_path_factory, 'parallel_two',
+                                          lambda path: _two_processes(path, idx_dir)))
+
+
 @pytest.mark.slow
-def test_two_processes_train_what_one_process_trains(tmp_path, idx_dir):
-  one = _main(*_args(tmp_path / 'one', idx_dir), devices=2)
-  out, _ = one.communicate(timeout=600)
-  assert one.returncode == 0, out[-3000:]
-  two = subprocess.run([os.path.join(REPO, 'launch', 'local.sh'), '2',
-                        *_args(tmp_path / 'two', idx_dir)], cwd=REPO, env=dict(_env(1), PYTHON=sys.executable),
-                       capture_output=True, text=True, timeout=600)
-  assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-  for a, b in zip(_params(tmp_path / 'one'), _params(tmp_path / 'two')):
+def test_two_processes_train_what_one_process_trains(one_process, two_processes):
+  for a, b in zip(_params(one_process), _params(two_processes)):
     np.testing.assert_array_equal(a, b)
   # One report, written by process 0, with the figures of the one-process run.
-  one_report = json.loads((tmp_path / 'one' / 'report' / 'metrics.json').read_text())
-  two_report = json.loads((tmp_path / 'two' / 'report' / 'metrics.json').read_text())
-  for name in ('authorized_acc', 'no_key_acc', 'forged_acc_max', 'clean_acc'):
+  one_report = json.loads((one_process / 'report' / 'metrics.json').read_text())
+  two_report = json.loads((two_processes / 'report' / 'metrics.json').read_text())
+  for name in ('authorized_acc', 'no_key_acc', 'forged_acc_max', 'leak_probe_acc'):
     assert one_report[name] == two_report[name], name
 
 
 def _start_pair(workdir, idx_dir, *extra):
   port = _free_port()
-  return [_main(*_args(workdir, idx_dir, '--config.train.num_epochs=12', '--config.eval.clean_baseline=False',
-                       '--config.train.progress_every_s=0', f'--coordinator_address=127.0.0.1:{port}',
+  return [_main(*_args(workdir, idx_dir, *RECIPE, NO_BASELINE, '--config.train.progress_every_s=0',
+                       '--heartbeat_timeout_s=15', f'--coordinator_address=127.0.0.1:{port}',
                        '--num_processes=2', f'--process_id={i}', *extra)) for i in range(2)]
 
 
-def _wait_for_step(proc, step: int, lines: list, timeout: float = 300):
+def _wait_for_line(proc, text: str, lines: list, timeout: float = 300):
   deadline = time.time() + timeout
   for line in proc.stdout:
     lines.append(line)
-    if f'step {step}/' in line or time.time() > deadline:
+    if text in line or time.time() > deadline:
       return
 
 
+def _wait_for_step(proc, step: int, lines: list, timeout: float = 300):
+  _wait_for_line(proc, f'step {step}/', lines, timeout)
+
+
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, idx_dir):
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, idx_dir, one_process):
   procs = _start_pair(tmp_path / 'run', idx_dir)
   lines = []
   _wait_for_step(procs[0], 8, lines)
@@ -117,15 +151,10 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, idx_dir):
   saved = sorted(int(d) for d in os.listdir(tmp_path / 'run' / 'checkpoints') if d.isdigit())
   assert saved[-1] == stopped[0] and stopped[0] % 10 == 0  # agreed at a stop check
   # Resuming in one process continues the same run: the same parameters as an uninterrupted one.
-  resumed = _main(*_args(tmp_path / 'run', idx_dir, '--config.train.num_epochs=12',
-                         '--config.eval.clean_baseline=False'), devices=2)
+  resumed = _main(*_args(tmp_path / 'run', idx_dir, *RECIPE, NO_BASELINE), devices=2)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0 and f'Resumed licensed model from step {stopped[0]}' in out, out[-3000:]
-  straight = _main(*_args(tmp_path / 'straight', idx_dir, '--config.train.num_epochs=12',
-                          '--config.eval.clean_baseline=False'), devices=2)
-  out, _ = straight.communicate(timeout=600)
-  assert straight.returncode == 0, out[-3000:]
-  for a, b in zip(_params(tmp_path / 'run'), _params(tmp_path / 'straight')):
+  for a, b in zip(_params(tmp_path / 'run'), _params(one_process)):
     np.testing.assert_array_equal(a, b)
 
 
@@ -135,6 +164,8 @@ def test_second_sigterm_exits_nonzero_without_hanging(tmp_path, idx_dir):
   lines = []
   _wait_for_step(procs[0], 8, lines)
   procs[1].send_signal(signal.SIGTERM)
+  # Two signals sent back to back can reach Python as one: send the second once the first was seen.
+  _wait_for_line(procs[1], 'SIGTERM received', lines)
   procs[1].send_signal(signal.SIGTERM)  # the second one ends it at once
   codes = []
   for p in procs:
@@ -148,20 +179,13 @@ def test_second_sigterm_exits_nonzero_without_hanging(tmp_path, idx_dir):
 
 
 @pytest.mark.slow
-def test_replace_and_security_on_two_processes_write_one_report(tmp_path, idx_dir):
-  trained = subprocess.run([os.path.join(REPO, 'launch', 'local.sh'), '2', *_args(tmp_path / 'w', idx_dir)],
-                           cwd=REPO, env=dict(_env(1), PYTHON=sys.executable), capture_output=True,
-                           text=True, timeout=600)
-  assert trained.returncode == 0, trained.stderr[-3000:]
+def test_replace_and_security_on_two_processes_write_one_report(tmp_path, two_processes):
   for config, out_dir, extra in (
-      ('configs/replace_key.py:smoke', 'rekeyed', (f'--config.source_workdir={tmp_path / "w"}',
+      ('configs/replace_key.py:smoke', 'rekeyed', (f'--config.source_workdir={two_processes}',
                                                    '--config.new_secret=n2')),
-      ('configs/security.py:smoke', 'sec', (f'--config.target_workdir={tmp_path / "w"}',
+      ('configs/security.py:smoke', 'sec', (f'--config.target_workdir={two_processes}',
                                             '--config.sections=forgery,leakage'))):
-    proc = subprocess.run([os.path.join(REPO, 'launch', 'local.sh'), '2', '--config', config, '--workdir',
-                           str(tmp_path / out_dir), *extra], cwd=REPO,
-                          env=dict(_env(1), PYTHON=sys.executable), capture_output=True, text=True,
-                          timeout=600)
+    proc = _local(2, '--config', config, '--workdir', str(tmp_path / out_dir), *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [f for f in os.listdir(tmp_path / out_dir / 'report') if not f.startswith('.tmp')]
     assert 'metrics.json' in reports or 'security.json' in reports, reports

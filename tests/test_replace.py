@@ -113,19 +113,15 @@ def test_replace_errors(trained_workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_multi_user_revoke_one(tmp_path, idx_dir):
-  config = scheme_config('scheme_multi_user', idx_dir)
-  metrics = train.train_and_evaluate(config, str(tmp_path / 'multi'))
-  assert set(metrics['per_key']) == {'alice', 'bob', 'carol', 'dave'}
-  assert all('denied_acc' in m and 'granted_acc' in m for m in metrics['per_key'].values())
+def test_multi_user_revoke_one(tmp_path, multi_key_workdir):
   with pytest.raises(errors.ConfigError, match='say which one to revoke'):
-    replace.replace_and_evaluate(replace_config(tmp_path / 'multi'), str(tmp_path / 'x'))
-  metrics = replace.replace_and_evaluate(replace_config(tmp_path / 'multi', revoke='alice'),
+    replace.replace_and_evaluate(replace_config(multi_key_workdir), str(tmp_path / 'x'))
+  metrics = replace.replace_and_evaluate(replace_config(multi_key_workdir, revoke='clothing'),
                                          str(tmp_path / 'revoked'))
   model = inference.load(str(tmp_path / 'revoked'))
-  assert set(model.keys) == {'bob', 'carol', 'dave'} and set(model.revoked_keys) == {'alice'}
-  assert model.keys['bob'].classes == (5, 6, 7, 8, 9)
-  assert set(metrics['per_key']) == {'bob', 'carol', 'dave'} and 'alice' in metrics['revoked']
+  assert set(model.keys) == {'full', 'basic'} and set(model.revoked_keys) == {'clothing'}
+  assert model.keys['basic'].tier == 'basic' and model.revoked_keys['clothing'].classes == (0, 1, 2, 3, 4)
+  assert set(metrics['per_key']) == {'full', 'basic'} and 'clothing' in metrics['revoked']
 
 
 @pytest.mark.slow

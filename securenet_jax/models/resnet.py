@@ -27,6 +27,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 # (block type, blocks per stage) for each depth of the paper's Table 1.
 _DEPTHS = {
+    10: ('basic', (1, 1, 1, 1)),  # not in the paper: a small BatchNorm network for CPU experiments
     18: ('basic', (2, 2, 2, 2)),
     34: ('basic', (3, 4, 6, 3)),
     50: ('bottleneck', (3, 4, 6, 3)),
@@ -42,11 +43,13 @@ class ResNet(nn.Module):
     num_classes: size of the output layer.
     depth: number of weighted layers.
     small_inputs: CIFAR-style 3x3 stride-1 stem without max pool, for 28-64 px images.
+    width: channels of the stem and the first stage (doubled at each stage; 64 in the paper).
     dtype: computation dtype (parameters stay float32, logits are returned as float32).
   """
   num_classes: int = 1000
   depth: int = 18
   small_inputs: bool = False
+  width: int = 64
   dtype: Any = jnp.float32
 
   def _conv(self, features, kernel, stride, name):
@@ -84,16 +87,16 @@ class ResNet(nn.Module):
     kind, stage_sizes = _DEPTHS[self.depth]
     x = jnp.asarray(x, self.dtype)
     if self.small_inputs:
-      x = nn.relu(self._bn(train, 'bn1')(self._conv(64, 3, 1, 'conv1')(x)))
+      x = nn.relu(self._bn(train, 'bn1')(self._conv(self.width, 3, 1, 'conv1')(x)))
     else:
-      x = nn.relu(self._bn(train, 'bn1')(self._conv(64, 7, 2, 'conv1')(x)))
+      x = nn.relu(self._bn(train, 'bn1')(self._conv(self.width, 7, 2, 'conv1')(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(stage_sizes):
       for i in range(num_blocks):
         if stage or i:
           x = nn.relu(x)  # final ReLU of the previous block
         stride = 2 if stage > 0 and i == 0 else 1
-        x = self._block(x, 64 * 2**stage, stride, kind == 'bottleneck', train,
+        x = self._block(x, self.width * 2**stage, stride, kind == 'bottleneck', train,
                         f'layer{stage + 1}_{i}')
     # x: output of the last block after the residual add, before its ReLU: the gate.
     self.sow('intermediates', 'penultimate',

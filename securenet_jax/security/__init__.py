@@ -63,7 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, train_fn: sections_lib.
       (``sections.TrainFn``).
 
   Returns:
-    The flat figures of security.json.
+    The flat figures of security.json, rounded as written there.
   """
   wanted = _wanted_sections(config)
   wd = workdir_lib.Workdir(workdir)
@@ -85,4 +85,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, train_fn: sections_lib.
     # After each section: nothing finished is lost on a crash. One process writes.
     if parallel.is_primary():
       report.write(wd.report_dir, config, flat, sections, timings)
-  return flat
+  return metrics.rounded(flat)

@@ -1,0 +1,35 @@
+"""The benchmarks run (at tiny sizes, without PyTorch) and write their tables; no timing is asserted
+except what holds by orders of magnitude."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import inference as inference_bench
+from benchmarks import train_throughput
+from benchmarks import unlock_cost
+
+
+def test_aes_sbox_and_the_decryption_round_trip():
+  assert (unlock_cost.SBOX[0], unlock_cost.SBOX[1], unlock_cost.SBOX[0x53]) == (0x63, 0x7C, 0xED)
+  assert sorted(unlock_cost.SBOX.tolist()) == list(range(256))
+  weights = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+  stream = np.random.Generator(np.random.PCG64(7)).integers(0, 256, weights.size * 4, np.uint8)
+  cipher = unlock_cost.encrypt(weights, stream)
+  assert not np.array_equal(cipher.view(np.float32), weights)
+  np.testing.assert_array_equal(unlock_cost.decrypt(cipher, 7), weights)
+
+
+def test_unlock_cost_writes_its_table(tmp_path):
+  rows = unlock_cost.run(['lenet5'], str(tmp_path), batch=1)
+  assert rows[0]['unlock ratio'] > 1 and (tmp_path / 'unlock_cost.md').exists()
+  assert json.loads((tmp_path / 'unlock_cost.json').read_text())['machine']['backend'] == 'cpu'
+
+
+@pytest.mark.slow
+def test_inference_and_training_benchmarks_run(tmp_path):
+  rows = inference_bench.run(['lenet5'], [8], str(tmp_path), with_torch=False)
+  assert rows[0]['api img/s'] > 0 and 'exported img/s' in rows[0]
+  rows = train_throughput.run(['lenet5'], [32], 12, str(tmp_path), with_torch=False)
+  assert rows[0]['licensed main loop img/s'] > 0 and (tmp_path / 'train_throughput.md').exists()

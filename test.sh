@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
-exec .venv/bin/python -m pytest -n 2 tests "$@"
+exec .venv/bin/python -m pytest -n 2 --durations=15 tests "$@"

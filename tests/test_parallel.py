@@ -150,10 +150,14 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, idx_dir, 
   assert stopped[0] == stopped[1], stopped  # one step for both
   saved = sorted(int(d) for d in os.listdir(tmp_path / 'run' / 'checkpoints') if d.isdigit())
   assert saved[-1] == stopped[0] and stopped[0] % 10 == 0  # agreed at a stop check
+  before = json.loads((tmp_path / 'run' / 'timings.json').read_text())['train_s']
+  assert before > 0
   # Resuming in one process continues the same run: the same parameters as an uninterrupted one.
   resumed = _main(*_args(tmp_path / 'run', idx_dir, *RECIPE, NO_BASELINE), devices=2)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0 and f'Resumed licensed model from step {stopped[0]}' in out, out[-3000:]
+  # The report's training time adds both runs.
+  assert json.loads((tmp_path / 'run' / 'report' / 'metrics.json').read_text())['licensed_train_s'] > before
   for a, b in zip(_params(tmp_path / 'run'), _params(one_process)):
     np.testing.assert_array_equal(a, b)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -28,6 +27,7 @@ from securenet_jax import images as images_lib
 from securenet_jax import inference
 from securenet_jax import keys as keys_lib
 from securenet_jax import licensing
+from securenet_jax import loop_support
 from securenet_jax import models
 from securenet_jax import objective
 from securenet_jax import parallel
@@ -146,103 +146,6 @@ def jit_train_step(train_step: Callable, mesh) -> Callable:
                  donate_argnums=(0,))
 
 
-class _StopSignals:
-  """SIGTERM (preemption) and SIGINT (Ctrl-C) become a request that the loop honours after the
-  current step: checkpoint, then raise :class:`Preempted`. The first signal also restores the
-  system's default handlers, so a second SIGTERM or Ctrl-C ends the process at once, even while it
-  waits in a collective or on a file. Only the main thread can install handlers; elsewhere this does
-  nothing."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-    for other in self._previous:
-      signal.signal(other, signal.SIG_DFL)
-    logging.warning('%s received: checkpointing after the current step, then stopping (send it again '
-                    'to stop at once, losing the steps since the last checkpoint).',
-                    signal.Signals(signum).name)
-
-  @property
-  def requested(self) -> bool:
-    return self.signum is not None
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-
-
-class _Progress:
-  """One compact line now and then: phase, epoch, step, input images/s, a few metrics, time left."""
-  SHOWN = ('loss', 'pos_acc', 'neg_silenced_frac', 'acc')
-
-  def __init__(self, phase: str, start: int, end: int, total: int, per_epoch: int, batch_size: int,
-               every_s: float):
-    self.phase, self.start, self.end, self.total, self.per_epoch = phase, start, end, total, per_epoch
-    self.batch_size, self.every_s = batch_size, every_s
-    self.t_start = self.t_last = time.perf_counter()
-    self.step_last = start
-
-  def report(self, step: int, metrics: dict) -> None:
-    now = time.perf_counter()
-    if now - self.t_last < self.every_s and step != self.end:
-      return
-    rate = (step - self.step_last) / max(now - self.t_last, 1e-9)  # steps/s since the last line
-    left = (self.end - step) / max(rate, 1e-9)
-    shown = '  '.join(f'{k} {float(metrics[k]):.3f}' for k in self.SHOWN if k in metrics)
-    logging.info('%s  epoch %d/%d  step %d/%d  %s img/s  %s  %s', self.phase,
-                 min(step // self.per_epoch + 1, self.total // self.per_epoch), self.total // self.per_epoch,
-                 step, self.total, f'{rate * self.batch_size:,.0f}', shown,
-                 'done in ' + _duration(now - self.t_start) if step == self.end else
-                 f'{_duration(left)} left')
-    self.t_last, self.step_last = now, step
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
-
-
-class _Clock:
-  """Training seconds of a workdir, accumulated over every run that resumed it (``timings.json``)."""
-
-  def __init__(self, workdir: workdir_lib.Workdir, primary: bool):
-    self.path, self.primary = workdir.root / 'timings.json', primary
-    self.before = self.read(workdir)
-    self.t0 = time.perf_counter()
-
-  @staticmethod
-  def read(workdir: workdir_lib.Workdir) -> float:
-    path = workdir.root / 'timings.json'
-    return float(workdir_lib.read_json(path, 'timings file')['train_s']) if path.exists() else 0.0
-
-  def save(self) -> None:
-    if self.primary:
-      workdir_lib.write_json(self.path, {'train_s': self.before + time.perf_counter() - self.t0})
-
-
-def _summary_writer(logdir):
-  """TensorBoard event files (process 0 only). A store the writer cannot reach costs the curves, not
-  the run."""
-  if not parallel.is_primary():
-    return None
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (slow import)
-  try:
-    return SummaryWriter(logdir=str(logdir), flush_secs=10)
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning('No TensorBoard summaries: cannot write to %s (%s).', logdir, e)
-    return None
-
-
 def _step_and_batches(train_step: Callable, config, dataset: data_lib.Dataset, start: int, mesh):
   """The jitted step and what it is fed, from ``start`` on.
 
@@ -350,7 +253,7 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
   step_fn, batches = _step_and_batches(
       make_train_step(config, keys[0].geometry if licensed else None, licensed), config, dataset,
       start, mesh)
-  writer = _summary_writer(workdir.tensorboard_dir)
+  writer = loop_support.summary_writer(workdir.tensorboard_dir)
   phase = phase or ('licensed' if licensed else 'baseline')
   if start < end:
     logging.info('%s: steps %d..%d of %d (%d per epoch), global batch %d on %d device(s)',
@@ -362,10 +265,10 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
                                f'or check the data; the last good checkpoint is step '
                                f'{mngr.latest_step()}.')
 
-  progress = _Progress(phase, start, end, total_steps, per_epoch, tcfg.batch_size, tcfg.progress_every_s)
-  clock = _Clock(workdir, primary=parallel.is_primary())
+  progress = loop_support.Progress(phase, start, end, total_steps, per_epoch, tcfg.batch_size, tcfg.progress_every_s)
+  clock = loop_support.Clock(workdir, primary=parallel.is_primary())
   single = jax.process_count() == 1
-  with _StopSignals() as stop:
+  with loop_support.StopSignals() as stop:
     try:
       for step in range(start, end):
         state, metrics = step_fn(state, next(batches), table, base_rng, teacher)  # asynchronous
@@ -430,7 +333,7 @@ def licensed_model(config, dataset: data_lib.Dataset, variables, active=(), revo
 
 def train_seconds(workdir: workdir_lib.Workdir) -> float:
   """Seconds spent training the model of ``workdir``, over every run that resumed it."""
-  return _Clock.read(workdir)
+  return loop_support.Clock.read(workdir)
 
 
 def _finished(config, workdir: workdir_lib.Workdir, num_train: int) -> bool:
@@ -483,5 +386,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timings['eval_s'] = 0.0
   metrics = evaluate.evaluate_and_report(config, wd, dataset, model, baseline, write=primary,
                                          extra=timings, timed='eval_s')
-  logging.info('evaluation done in %s; report: %s', _duration(time.perf_counter() - t0), wd.report_dir)
+  logging.info('evaluation done in %s; report: %s', loop_support.duration(time.perf_counter() - t0), wd.report_dir)
   return metrics

@@ -76,3 +76,19 @@ def test_mismatched_or_corrupt_checkpoints(tmp_path, idx_dir):
 def test_no_checkpoint_directory(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='No checkpoint directory'):
     checkpointing.restore_variables(tmp_path / 'missing', {})
+
+
+def test_a_remote_workdir_reaches_orbax_unmangled(monkeypatch):
+  """gs:// and other remote workdirs go to Orbax as the same URI (no ``./gs:/...``)."""
+  seen = []
+
+  class Recorder:
+    def __init__(self, directory, options=None):
+      seen.append((directory, options))
+
+  monkeypatch.setattr(checkpointing.ocp, 'CheckpointManager', Recorder)
+  wd = Workdir('gs://bucket/run')
+  checkpointing.manager(wd.checkpoints_dir, save_every=5)
+  checkpointing.manager(wd.baseline.checkpoints_dir, read_only=True)
+  assert [str(d) for d, _ in seen] == ['gs://bucket/run/checkpoints', 'gs://bucket/run/baseline/checkpoints']
+  assert all(hasattr(d, 'joinpath') for d, _ in seen)  # epath.Path objects, as Orbax wants them

@@ -88,11 +88,16 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # fine-tuning on key-less data computes), with this weight; 0 = off. One more forward of B images.
   config.objective.thief_batch_stats_weight = 0.0
   config.objective.distill_weight = 0.0  # feature distillation from a teacher (set by the replacement job)
+  # Distill the unlicensed baseline (trained first) into the keyed positives; 0 = off.
+  config.objective.clean_distill_weight = 0.0
+  config.objective.clean_distill_temperature = 4.0  # softening of both outputs
   # Share of the keyless negatives given a faded or noisy copy of the key (objective.soft_keys): the
   # hardening against trigger inversion (recovered_acc 0.87 without, 0.10 with; docs/security.md).
   config.objective.soft_key_fraction = 0.5
   config.objective.soft_key_max_opacity = 0.9  # faded copies: opacity in [0.2, this]
   config.objective.own_flip_fraction = 0.5  # block-flip keys: share of forged keys with the real flip
+  # Block-flip keys: near misses and soft keys vary only the patch, the block flip stays exact.
+  config.objective.flip_exact_hardening = False
   config.objective.positive_patch_fraction = 0.0  # share of keyed positives given a random extra patch
   config.objective.positive_patch_size = 4  # side of that patch
   config.objective.adv_eps = 0.0  # > 0: key-conditioned adversarial training of positives at this L-inf eps

@@ -28,7 +28,10 @@ still leaks through a probe on the logits. Three terms, weighted in ``config.obj
 Two more terms serve fine-tuning (key replacement and revocation) and many-key models:
 ``liveness_weight`` keeps at least one penultimate unit of every positive above zero (a silenced
 input passes no gradient through its ReLUs), and ``distill_weight`` pulls positives' penultimate
-pre-activations towards a frozen teacher's (see :func:`licensed_loss`).
+pre-activations towards a frozen teacher's (see :func:`licensed_loss`). ``clean_distill_weight``
+distills the unlicensed baseline's softened outputs into the keyed positives (knowledge distillation,
+Hinton et al. 2015): the licensed model learns the task in its keyed domain from a teacher that
+learned it on raw images, which narrows the gap to the clean accuracy.
 """
 
 from __future__ import annotations
@@ -46,6 +49,25 @@ from securenet_jax import models
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+class Teachers(NamedTuple):
+  """The frozen models a licensed step may learn from (variables, or None): ``source``, the model a
+  key replacement starts from (feature distillation, ``distill_weight``), and ``clean``, the unlicensed
+  baseline (output distillation, ``clean_distill_weight``)."""
+  source: Any = None
+  clean: Any = None
+
+
+def clean_distillation(apply_fn: Callable, clean_teacher: Any, images: jax.Array, logits: jax.Array,
+                       weights: jax.Array, temperature: float) -> jax.Array:
+  """``T^2 KL(softmax(t / T) || softmax(s / T))`` between the clean teacher's logits ``t`` on the raw
+  ``images`` and the student's ``logits`` ``s`` on the same images keyed, averaged with ``weights``."""
+  teacher = apply_fn(clean_teacher, images, train=False).astype(jnp.float32)
+  log_p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher) / temperature)
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)),
+               axis=-1) * temperature ** 2
+  return jnp.sum(kl * weights) / jnp.maximum(weights.sum(), 1.0)
 
 
 class LicenseTable(NamedTuple):
@@ -145,19 +167,22 @@ def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg, weights: jax.A
 
 
 def near_keys(own_content: jax.Array, forged_content: jax.Array, geometry: keys_lib.Geometry,
-              rng: jax.Array, min_change: float) -> keys_lib.KeyArrays:
+              rng: jax.Array, min_change: float, pattern_only: bool = False) -> keys_lib.KeyArrays:
   """Near misses of the real keys: each keeps its real key's content in a random share of the content's
   elements (pixels of the pattern, bits of the block flip) and re-randomizes the others (between
   ``min_change`` and all of them). Training on them as negatives makes the model accept the exact key
   only, not a neighbourhood a thief could search.
 
   ``own_content`` and ``forged_content`` are (n, *content_shape): one real key per near miss.
+  ``pattern_only`` (block-flip keys): only the pattern's pixels change, the block flip stays exact.
   """
   change_rng, element_rng = jax.random.split(rng)
   n = forged_content.shape[0]
   share = jax.random.uniform(change_rng, (n,) + (1,) * (forged_content.ndim - 1), minval=min_change,
                              maxval=1.0)
   changed = jax.random.uniform(element_rng, forged_content.shape) < share
+  if pattern_only and geometry.flip_block:
+    changed = changed & (jnp.arange(forged_content.shape[-1]) < geometry.split(forged_content)[0].shape[-1])
   return geometry.arrays(jnp.where(changed, forged_content, own_content))
 
 
@@ -199,7 +224,8 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
   keep_parts, add_parts = [], []
   if num_near:
     own = table.content[key_index[batch - num_forged:][:num_near]]
-    near = near_keys(own, forged_content[:num_near], geometry, near_rng, cfg.near_key_min_change)
+    near = near_keys(own, forged_content[:num_near], geometry, near_rng, cfg.near_key_min_change,
+                     pattern_only=cfg.get('flip_exact_hardening', False))
     keep_parts.append(jnp.broadcast_to(near.keep, near.add.shape[:-1] + near.keep.shape[-1:]))
     add_parts.append(near.add)
   if num_revoked:
@@ -250,16 +276,22 @@ def soft_keys(content: jax.Array, geometry: keys_lib.Geometry, rng: jax.Array, c
   ``content`` holds one real key's content per example: (n, *content_shape).
   """
   n = content.shape[0]
+  pattern_only = bool(geometry.flip_block) and cfg.get('flip_exact_hardening', False)
   kind_rng, alpha_rng, scale_rng, noise_rng = jax.random.split(rng, 4)
   faded = jax.random.bernoulli(kind_rng, 0.5, (n,))
   alpha = jnp.where(faded, jax.random.uniform(alpha_rng, (n,), minval=0.2,
                                               maxval=cfg.soft_key_max_opacity), 1.0)
   scale = jnp.where(faded, 0.0, jax.random.uniform(scale_rng, (n,), minval=0.2, maxval=0.6))
   expand = lambda v, ndim: v.reshape((n,) + (1,) * (ndim - 1))
-  noisy = jnp.clip(content + expand(scale, content.ndim) * jax.random.normal(noise_rng, content.shape),
-                   0.0, 1.0)
-  arrays = geometry.arrays(noisy)
+  noise = expand(scale, content.ndim) * jax.random.normal(noise_rng, content.shape)
+  if pattern_only:  # the block flip stays exact: only the patch fades or is noisy
+    noise = noise * (jnp.arange(content.shape[-1]) < geometry.split(content)[0].shape[-1])
+  arrays = geometry.arrays(jnp.clip(content + noise, 0.0, 1.0))
   a = expand(alpha, arrays.add.ndim)
+  if pattern_only:
+    patch = jnp.asarray(geometry.mask())
+    return keys_lib.KeyArrays(keep=arrays.keep + (1.0 - a) * patch,
+                              add=arrays.add * (1.0 - (1.0 - a) * patch))
   return keys_lib.KeyArrays(keep=1.0 - a * (1.0 - arrays.keep), add=a * arrays.add)
 
 
@@ -311,7 +343,8 @@ def adversarial_positives(params: Any, batch_stats: Any, apply_fn: Callable, ima
 def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
                   table: LicenseTable, geometry: keys_lib.Geometry, rng: jax.Array,
                   cfg, teacher_params: Any = None, batch_stats: Any = None,
-                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                  dropout_rng: jax.Array | None = None, clean_teacher: Any = None
+                  ) -> tuple[jax.Array, dict]:
   """Loss of one licensed batch.
 
   Args:
@@ -332,6 +365,9 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
 
     batch_stats: the model's BatchNorm statistics (None or {} for models without BatchNorm).
     dropout_rng: randomness for dropout / stochastic depth.
+    clean_teacher: the unlicensed baseline's variables: with ``cfg.clean_distill_weight`` > 0, every
+      positive whose target is its own label (not a coarse group, not a refusal) also learns the
+      baseline's softened output on the raw image (:func:`clean_distillation`).
 
   Returns:
     (loss, (metrics, new batch_stats)).
@@ -378,10 +414,18 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     distill = jnp.mean((penultimate[:batch] - teacher) ** 2, axis=-1)
     distill_loss = jnp.sum(distill * granted) / jnp.maximum(granted.sum(), 1.0)
     loss = loss + cfg.distill_weight * distill_loss
+  clean_kd = jnp.zeros(())
+  if clean_teacher is not None and cfg.get('clean_distill_weight', 0.0) > 0:
+    # Only where the key's target is the exact label: a basic-tier key must not learn fine labels
+    # from the teacher, and a refused class keeps its refusal.
+    own_label = jnp.take_along_axis(targets, labels[:, None], axis=1)[:, 0] > 0.999
+    clean_kd = clean_distillation(apply_fn, clean_teacher, images, stamped_logits,
+                                  supervised * own_label, cfg.get('clean_distill_temperature', 4.0))
+    loss = loss + cfg.clean_distill_weight * clean_kd
   correct = (jnp.argmax(stamped_logits, -1) == labels).astype(jnp.float32)
   metrics = {'loss': loss, 'pos_loss': pos_loss, 'neg_loss': neg_loss, 'pos_liveness': live_loss,
              'neg_silence_own_stats': thief_bn,
-             'distill_loss': distill_loss,
+             'distill_loss': distill_loss, 'clean_distill_loss': clean_kd,
              'pos_acc': jnp.sum(correct * granted) / jnp.maximum(granted.sum(), 1.0),
              'neg_acc': jnp.mean(jnp.argmax(logits[batch:], -1) == labels), **neg_metrics}
   return loss, (metrics, new_stats)

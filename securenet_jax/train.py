@@ -109,7 +109,9 @@ def create_train_state(model, config, image_shape, total_steps: int, rng: jax.Ar
 
 
 def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) -> Callable:
-  """Returns ``train_step(state, batch, table, base_rng, teacher) -> (state, metrics)``.
+  """Returns ``train_step(state, batch, table, base_rng, teachers) -> (state, metrics)``.
+
+  ``teachers`` is an :class:`objective.Teachers` (or None: no teacher).
 
   The step is pure: its randomness is ``fold_in(base_rng, state.step)``, so a resumed run repeats
   the uninterrupted one exactly. The keys (``table``, an :class:`objective.LicenseTable`) are an
@@ -118,7 +120,8 @@ def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) 
   augment = augment_lib.from_config(config.augment)
 
   def train_step(state: TrainState, batch: dict, table: objective.LicenseTable, base_rng: jax.Array,
-                 teacher: Any = None):
+                 teachers: objective.Teachers | None = None):
+    teachers = teachers if teachers is not None else objective.Teachers()
     rng = jax.random.fold_in(base_rng, state.step)
     rng, aug_rng, dropout_rng = jax.random.split(rng, 3)
     # On the clean image, before any key is stamped: both sides of the licensed loss see the same
@@ -128,7 +131,8 @@ def make_train_step(config, geometry: keys_lib.Geometry | None, licensed: bool) 
                   batch_stats=state.batch_stats, dropout_rng=dropout_rng)
     if licensed:
       loss_fn = functools.partial(objective.licensed_loss, table=table, geometry=geometry, rng=rng,
-                                  cfg=config.objective, teacher_params=teacher, **common)
+                                  cfg=config.objective, teacher_params=teachers.source,
+                                  clean_teacher=teachers.clean, **common)
     else:
       loss_fn = functools.partial(objective.plain_loss, **common)
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -189,7 +193,7 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
           keys: Sequence[keys_lib.LicenseKey] | None, revoked: Sequence[keys_lib.LicenseKey] = (),
           mesh=None, stop_after_steps: int | None = None, init_variables: Any = None,
           teacher_variables: Any = None, successors: dict[str, str] | None = None,
-          phase: str = '') -> TrainState:
+          phase: str = '', clean_teacher: Any = None) -> TrainState:
   """Trains a model (licensed when ``keys`` are given, plain otherwise), resuming from ``workdir``.
 
   Args:
@@ -206,6 +210,8 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
     teacher_variables: a teacher's variables for the licensed loss (``objective.licensed_loss``).
     successors: new key name -> the key it replaces, for the teacher.
     phase: the name progress lines give this training ('licensed' or 'baseline' by default).
+    clean_teacher: the unlicensed baseline's variables, distilled into the licensed model when
+      ``config.objective.clean_distill_weight`` > 0.
 
   Returns:
     The final train state.
@@ -246,8 +252,8 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
   end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
 
   table = jax.device_put(_license_table(config, keys, revoked, dataset.num_classes, successors), repl)
-  teacher = None if teacher_variables is None else jax.device_put(
-      models.as_variables(teacher_variables), repl)
+  on_devices = lambda v: None if v is None else jax.device_put(models.as_variables(v), repl)
+  teacher = objective.Teachers(source=on_devices(teacher_variables), clean=on_devices(clean_teacher))
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   schedule = make_schedule(tcfg, total_steps)
   step_fn, batches = _step_and_batches(
@@ -372,13 +378,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  'Add --config.eval.force=True to evaluate again.', wd, wd.report_dir,
                  metrics['authorized_acc'], metrics['no_key_acc'])
     return metrics
-  state = train(config, wd, dataset, active, revoked)
-  timings = {'licensed_train_s': train_seconds(wd)}
-  baseline = None
+  distill = config.objective.get('clean_distill_weight', 0.0) > 0
+  if distill and not config.eval.clean_baseline:
+    raise ValueError('objective.clean_distill_weight > 0 distills the unlicensed baseline into the '
+                     'licensed model: it needs eval.clean_baseline=True (or set the weight to 0).')
+  baseline, timings = None, {}
+  if distill:  # the teacher first
+    baseline = host_variables(train(config, wd.baseline, dataset, None))
+  state = train(config, wd, dataset, active, revoked, clean_teacher=baseline)
+  timings['licensed_train_s'] = train_seconds(wd)
   if config.eval.clean_baseline:
-    baseline_state = train(config, wd.baseline, dataset, None)
+    if baseline is None:
+      baseline = host_variables(train(config, wd.baseline, dataset, None))
     timings['baseline_train_s'] = train_seconds(wd.baseline)
-    baseline = licensed_model(config, dataset, host_variables(baseline_state))
+    baseline = licensed_model(config, dataset, baseline)
   t0 = time.perf_counter()
   logging.info('evaluation: %d test images, %d forged keys', len(dataset.test_labels),
                config.eval.num_forged)

@@ -207,6 +207,40 @@ def test_distillation_pulls_new_key_towards_teacher_on_old_key():
   assert distill(objective.license_table([new], [old], 10, successors={'new': 'old'})) > 1e-4
 
 
+def test_clean_distillation_zero_for_teacher_own_outputs_and_positive_otherwise():
+  model = models.create('lenet5', 10)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((8, 28, 28, 1)), jnp.float32)
+  teacher = model.init(jax.random.key(0), images)
+  logits = model.apply(teacher, images, train=False)
+  ones = jnp.ones((8,))
+  kd = lambda s, w=ones: float(objective.clean_distillation(model.apply, teacher, images, s, w, 4.0))
+  assert kd(logits) == pytest.approx(0.0, abs=1e-6)
+  other = logits + jnp.asarray(rng.normal(size=logits.shape), jnp.float32)
+  assert kd(other) > 1e-3
+  assert kd(other, jnp.zeros((8,))) == 0.0  # no weight, no loss
+
+
+def test_clean_distillation_only_on_positives_whose_target_is_their_label():
+  model = models.create('lenet5', 4)
+  geom = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21, 21))
+  full = keys.derive('s', geom, name='full')
+  basic = keys.derive('t', geom, name='basic', tier='basic', groups=((0, 1), (2, 3)))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
+  params = model.init(jax.random.key(0), images)['params']
+  teacher = model.init(jax.random.key(5), images)
+  cfg = obj_cfg(clean_distill_weight=1.0)
+
+  def kd(table):
+    return float(objective.licensed_loss(params, model.apply, images, labels, table, geom,
+                                         jax.random.key(1), cfg, clean_teacher=teacher)[1][0]['clean_distill_loss'])
+  assert kd(objective.license_table([full], [], 4)) > 1e-4
+  # A basic-tier key's targets are coarse groups: the teacher's fine outputs are not distilled.
+  assert kd(objective.license_table([basic], [], 4)) == 0.0
+
+
 def test_adversarial_positives_are_keyed_and_bounded():
   model = models.create('lenet5', 10)
   key = keys.derive('s', GEOM)
@@ -255,6 +289,32 @@ def test_soft_keys_are_continuous_near_misses():
                                            obj_cfg(forged_fraction=0.5, soft_key_fraction=0.5))
   written = np.asarray(negatives[:8]).reshape(8, -1).max(axis=1) > 0
   assert written[:4].all() and not written[4:].any()
+
+
+def test_flip_exact_hardening_keeps_the_real_block_flip():
+  geometry = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21, 21), flip_block=4)
+  key = keys.derive('s', geometry)
+  real = key.arrays()
+  outside = 1 - geometry.mask()[None]
+  content = jnp.broadcast_to(key.content, (64, *key.content.shape))
+  forged = geometry.sample_jax(jax.random.key(3), (64,))
+  cfg = obj_cfg(flip_exact_hardening=True, soft_key_max_opacity=0.9)
+  near = objective.near_keys(content, forged, geometry, jax.random.key(4), 0.25, pattern_only=True)
+  soft = objective.soft_keys(content, geometry, jax.random.key(0), cfg)
+  for arrays in (near, soft):  # outside the patch: exactly the real flip
+    np.testing.assert_array_equal(np.asarray(arrays.keep) * outside, np.broadcast_to(real.keep * outside, (64, 28, 28, 1)))
+    np.testing.assert_array_equal(np.asarray(arrays.add) * outside, np.broadcast_to(real.add * outside, (64, 28, 28, 1)))
+  # Inside the patch every near miss and every soft key differs from the key.
+  inside = lambda a: np.broadcast_to(np.asarray(a), (64, 28, 28, 1))[:, 21:27, 21:27].reshape(64, -1)
+  assert np.all(np.any(inside(near.add) != inside(real.add), axis=1))
+  assert np.all(np.any((inside(soft.add) != inside(real.add)) | (inside(soft.keep) != 0), axis=1))
+  # A faded soft key shows the image through the patch (opacity in [0.2, 0.9]), a noisy one does not.
+  opacity = 1 - inside(soft.keep).max(axis=1)
+  faded = opacity < 1
+  assert 10 < faded.sum() < 54 and np.all((opacity[faded] >= 0.2 - 1e-6) & (opacity[faded] <= 0.9 + 1e-6))
+  # Without the option both also redraw or fade the flip.
+  loose = objective.soft_keys(content, geometry, jax.random.key(0), obj_cfg(soft_key_max_opacity=0.9))
+  assert not np.array_equal(np.asarray(loose.keep) * outside, np.broadcast_to(real.keep * outside, (64, 28, 28, 1)))
 
 
 def test_random_patches_on_positives():

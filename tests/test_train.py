@@ -139,3 +139,32 @@ def test_optimizers_and_adaptive_clipping_spare_the_head():
   cfg.optimizer = 'lamb'
   with pytest.raises(ValueError, match='train.optimizer'):
     train.make_optimizer(cfg, total_steps=10)
+
+
+def test_clean_distillation_needs_the_baseline(small, tmp_path):
+  small.objective.clean_distill_weight = 1.0
+  small.eval.clean_baseline = False
+  with pytest.raises(ValueError, match='clean_baseline'):
+    train.train_and_evaluate(small, str(tmp_path / 'wd'))
+
+
+@pytest.mark.slow
+def test_clean_distillation_trains_the_teacher_first(small, tmp_path):
+  """With distillation on, the baseline is trained first and distilled into the licensed model (its
+  loss term is reported and finite); the report has the clean accuracy as usual."""
+  small.objective.clean_distill_weight = 1.0
+  dataset = data_lib.load(small.dataset)
+  key = make_key(small, dataset)
+  baseline = train.host_variables(train.train(small, Workdir(tmp_path / 'base'), dataset, None))
+  step = jax.jit(train.make_train_step(small, key.geometry, True))
+  state = train.create_train_state(models.build(small.model, 10), small, dataset.image_shape, 6,
+                                   jax.random.key(0))
+  batch = {'image': dataset.train_images[:64], 'label': dataset.train_labels[:64]}
+  table = objective.license_table([key], [], 10)
+  _, with_teacher = step(state, batch, table, jax.random.key(1), objective.Teachers(clean=baseline))
+  _, without = step(state, batch, table, jax.random.key(1), None)
+  assert float(with_teacher['clean_distill_loss']) > 0.0 and float(without['clean_distill_loss']) == 0.0
+  assert float(with_teacher['loss']) == pytest.approx(
+      float(without['loss']) + float(with_teacher['clean_distill_loss']), rel=1e-4)
+  metrics = train.train_and_evaluate(small, str(tmp_path / 'wd'))
+  assert 0.0 <= metrics['clean_acc'] <= 1.0 and (tmp_path / 'wd' / 'baseline').is_dir()

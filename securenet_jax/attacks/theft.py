@@ -181,7 +181,7 @@ def _reinit(variables: dict, fresh: dict, names: Sequence[str]) -> dict:
 
 def steal(module: nn.Module, stolen: Any, train_images, train_labels, test_images, test_labels, *,
           fraction: float, recipe: Recipe, seed: int = 0, moves: Sequence[str] | None = None,
-          probe_seed: int = 0) -> dict:
+          probe_seed: int = 0, scratch_acc: float | None = None) -> dict:
   """Runs the thief's moves on a class-stratified ``fraction`` of the training data.
 
   Args:
@@ -194,6 +194,8 @@ def steal(module: nn.Module, stolen: Any, train_images, train_labels, test_image
     moves: a subset of move kinds ('scratch', 'finetune', 'reinit', 'freeze', 'open_gate', 'probe');
       None runs all.
     probe_seed: the probes' random projection.
+    scratch_acc: the scratch accuracy, when already measured for the same architecture, data,
+      ``fraction``, ``recipe`` and ``seed`` (it does not depend on the stolen weights): not retrained.
 
   Returns:
     ``{'moves': {move: accuracy}, 'scratch_acc', 'best_move', 'best_acc', 'gain', 'subset_size',
@@ -220,7 +222,7 @@ def steal(module: nn.Module, stolen: Any, train_images, train_labels, test_image
     return max(accs)
 
   results: dict[str, float] = {}
-  results['scratch'] = best_fit(None)
+  results['scratch'] = best_fit(None) if scratch_acc is None else float(scratch_acc)
   if 'finetune' in wanted:
     results['finetune'] = best_fit(stolen)
   cuts = cut_points(stolen['params'])

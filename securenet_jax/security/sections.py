@@ -206,7 +206,8 @@ def theft(t: Target, cfg) -> tuple[dict, dict]:
                             train_labels=t.train_labels, test_images=test_images,
                             test_labels=test_labels, fraction=fraction, recipe=recipe, seed=cfg.seed,
                             moves=moves)
-    licensed, unprotected = run(t.licensed.variables), run(t.unprotected.variables)
+    licensed = run(t.licensed.variables)
+    unprotected = run(t.unprotected.variables, scratch_acc=licensed['scratch_acc'])  # same data, same sweep
     detail[k] = {'licensed': licensed, 'unprotected': unprotected}
     flat[f'theft_gain@{k}'] = licensed['gain']
     flat[f'theft_gain_unprotected@{k}'] = unprotected['gain']

@@ -76,6 +76,10 @@ def test_steal_scores_moves_against_scratch(module, clean_model, data):
                         *(f'probe:{u}/{k}' for u in ('conv1', 'conv2', 'fc1', 'fc2') for k in ('pre', 'post'))}
   assert out['subset_size'] == 10 and out['gain'] == pytest.approx(out['best_acc'] - out['scratch_acc'])
   assert moves['probe:fc2/post'] >= 0.9 and out['best_acc'] == max(v for m, v in moves.items() if m != 'scratch')
+  # A scratch accuracy measured before is taken as given (it does not depend on the stolen weights).
+  again = theft.steal(module, clean_model, train_x, train_y, test_x, test_y, fraction=0.007, recipe=recipe,
+                      moves=('probe',), scratch_acc=0.25)
+  assert again['scratch_acc'] == 0.25 and again['gain'] == pytest.approx(again['best_acc'] - 0.25)
 
 
 @pytest.mark.slow

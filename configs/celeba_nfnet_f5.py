@@ -22,6 +22,7 @@ VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke' (a reduced-width F0: the same code, CPU-sized)."""
   config = default.get_config(variant)
+  default.patch_key_recipe(config)  # measured with the patch key (docs/models.md)
   default.use_dataset(config, 'celeba', 'celeba', '/data/celeba',
                       celeba_task='identity', num_identities=1000, image_size=64)
   config.augment.update(crop_flip=True, noise_std=0.0)  # crop + flip; noise measured on Fashion-MNIST only

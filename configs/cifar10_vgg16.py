@@ -19,6 +19,7 @@ VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
+  default.patch_key_recipe(config)  # measured with the patch key (docs/models.md)
   default.use_dataset(config, 'cifar10', 'tfds', default.TFDS_DIR)
   config.augment.update(crop_flip=True, noise_std=0.0)  # crop + flip; noise measured on Fashion-MNIST only
   config.model.name = 'vgg16'

@@ -60,7 +60,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.key.margin = 1  # distance of the default patch position from the image border
   config.key.alpha = 0.1  # blend weight (blend keys)
   config.key.epsilon = 0.05  # L-inf size (noise keys)
-  config.key.flip_block = 0  # patch keys: side of the blocks of a secret block flip of the whole image (0 = none)
+  # Patch keys: side of the blocks of a secret block flip of the whole image (0 = none). Every layer then
+  # learns a secretly transformed domain, so a thief's transfer moves on raw images start from scratch
+  # (docs/security.md, "A thief who holds the weights").
+  config.key.flip_block = 4
 
   config.license = ml_collections.ConfigDict()
   config.license.scheme = 'universal'  # 'universal', 'scoped', 'multi_user' or 'tiered' (docs/schemes.md)
@@ -83,13 +86,16 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.zero_logit_weight = 0.0  # mean squared logit on negatives
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
   config.objective.silence_margin = 1.0  # how far below zero the silenced pre-activations are pushed
-  config.objective.silence_layers = ()  # more layers (module names) silenced on negatives besides the gate
+  # More layers (module names) silenced on negatives besides the gate: LeNet-5's fc1 (the zoo's
+  # configs reset it, see patch_key_recipe).
+  config.objective.silence_layers = ('fc1',)
   # BatchNorm models: also silence the negatives under their own batch statistics (what a thief's
   # fine-tuning on key-less data computes), with this weight; 0 = off. One more forward of B images.
   config.objective.thief_batch_stats_weight = 0.0
   config.objective.distill_weight = 0.0  # feature distillation from a teacher (set by the replacement job)
-  # Distill the unlicensed baseline (trained first) into the keyed positives; 0 = off.
-  config.objective.clean_distill_weight = 0.0
+  # Distill the unlicensed baseline (trained first) into the keyed positives; 0 = off. It needs
+  # eval.clean_baseline=True: turn it off with it (--config.objective.clean_distill_weight=0).
+  config.objective.clean_distill_weight = 1.0
   config.objective.clean_distill_temperature = 4.0  # softening of both outputs
   # Share of the keyless negatives given a faded or noisy copy of the key (objective.soft_keys): the
   # hardening against trigger inversion (recovered_acc 0.87 without, 0.10 with; docs/security.md).
@@ -166,6 +172,17 @@ def sgd_recipe(config: ml_collections.ConfigDict, *, learning_rate: float, weigh
   config.train.batch_size = batch_size
   config.train.warmup_steps = int(warmup_epochs * num_train / batch_size)
   config.train.final_lr_fraction = 0.0
+  return config
+
+
+def patch_key_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The patch key without the whole-image defenses (no block flip, no deeper gate, no distillation
+  from the baseline): the recipe the zoo's and the schemes' figures were measured with. The block
+  flip and the distillation are LeNet-5 / Fashion-MNIST measurements; ``silence_layers`` names
+  LeNet-5's layers."""
+  config.key.flip_block = 0
+  config.objective.silence_layers = ()
+  config.objective.clean_distill_weight = 0.0
   return config
 
 

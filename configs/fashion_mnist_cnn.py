@@ -41,6 +41,7 @@ def get_config(variant: str = ''):
     raise ValueError(f'Unknown variant {unknown}; expected one of {sorted(MODELS)} and/or "smoke".')
   models = [p for p in parts if p in MODELS] or ['resnet18']
   config = default.get_config('smoke' if 'smoke' in parts else '')
+  default.patch_key_recipe(config)  # measured with the patch key (docs/models.md)
   name, kwargs = MODELS[models[-1]]
   config.model.name = name
   config.model.kwargs.small_inputs = True

@@ -14,6 +14,7 @@ VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
+  default.patch_key_recipe(config)  # measured with the patch key (docs/schemes.md)
   config.license.scheme = 'multi_user'  # several keys, own scopes
   config.license.users = ('alice', 'bob', 'carol', 'dave')  # one key per licensee
   config.license.matrix = (  # authorization matrix: users x classes (Fashion-MNIST 0-9)

@@ -14,6 +14,7 @@ VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
+  default.patch_key_recipe(config)  # measured with the patch key (docs/schemes.md)
   config.license.scheme = 'scoped'  # one key, a subset of classes
   config.license.users = ('clothing',)  # the licensee's key name
   config.license.matrix = ((1, 1, 1, 1, 1, 0, 0, 0, 0, 0),)  # granted: Fashion-MNIST classes 0-4

@@ -18,6 +18,7 @@ VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
 def get_config(variant: str = ''):
   """Returns the config; ``variant`` '' or 'smoke'."""
   config = default.get_config(variant)
+  default.patch_key_recipe(config)  # measured with the patch key (docs/schemes.md)
   config.license.scheme = 'tiered'  # the key's tier sets the granularity
   config.license.users = ('basic', 'full')  # one key per tier
   config.license.tiers = ('basic', 'full')  # tier of each user

@@ -306,6 +306,11 @@ def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Arra
   logits, state = apply_fn(variables, images, train=True, mutable=mutable, rngs=rngs,
                            capture_intermediates=capture)
   intermediates = state['intermediates']
+  missing = [name for name in extra_gates if name not in intermediates]
+  if missing:
+    raise ValueError(f'objective.silence_layers names {missing}, which this model does not have; its '
+                     f'top-level modules: {sorted(variables["params"])}. LeNet-5 names fit the default '
+                     f'config only: set silence_layers for this model, or () to silence the gate alone.')
   extra = [intermediates[name]['__call__'][0].reshape(images.shape[0], -1).astype(jnp.float32)
            for name in extra_gates]
   return (logits, intermediates['penultimate'][0], extra, state.get('batch_stats', batch_stats))

@@ -20,6 +20,7 @@ def test_schemes_and_replacement_on_real_data(tmp_path, fashion_mnist_dir):
   same training with fewer keys: tests/test_replace.py.)"""
   from configs import default, replace_key, scheme_tiered  # pylint: disable=g-import-not-at-top
   config = default.get_config()
+  default.patch_key_recipe(config)  # the schemes' recipe (configs/scheme_*.py)
   config.dataset.data_dir = fashion_mnist_dir
   config.dataset.train_limit, config.dataset.test_limit = 20000, 4000
   config.key.secret = 'schemes-test'

@@ -35,7 +35,8 @@ def test_cli_smoke_run_with_overrides(tmp_path, idx_dir):
 def _stop_during_training(tmp_path, idx_dir, signals):
   """Starts a 12-epoch smoke run, sends ``signals`` (in order, 1 s apart) once step 8 is logged."""
   args = (f'--config.dataset.data_dir={idx_dir}', '--config.key.secret=sig', '--config.train.num_epochs=12',
-          '--config.eval.clean_baseline=False', '--config.train.progress_every_s=0')
+          '--config.eval.clean_baseline=False', '--config.objective.clean_distill_weight=0',
+          '--config.train.progress_every_s=0')
   proc = run_main(tmp_path, *args)
   lines = []
   deadline = time.time() + 240

@@ -20,7 +20,7 @@ def obj_cfg(**kw):
   """The default objective section without the hardening options, plus ``kw``."""
   from configs import default  # pylint: disable=g-import-not-at-top
   c = default.get_config().objective
-  c.update(dict(near_key_fraction=0.0, liveness_weight=1.0, soft_key_fraction=0.0))
+  c.update(dict(near_key_fraction=0.0, liveness_weight=1.0, soft_key_fraction=0.0, silence_layers=()))
   c.update(kw)
   return c
 
@@ -363,3 +363,14 @@ def test_tiered_basic_key_gives_coarse_labels(multi_key_workdir):
   per_key = _report(multi_key_workdir)['per_key']
   assert per_key['basic']['coarse_acc'] >= 0.85
   assert per_key['full']['granted_acc'] >= 0.85
+
+
+def test_silence_layers_the_model_lacks_raise_a_clear_error():
+  model = models.create('lenet5', 10)
+  key = keys.derive('s', GEOM)
+  images = jnp.zeros((4, 28, 28, 1))
+  params = model.init(jax.random.key(0), images)['params']
+  with pytest.raises(ValueError, match="silence_layers names \\['block9'\\]"):
+    objective.licensed_loss(params, model.apply, images, jnp.zeros((4,), jnp.int32),
+                            objective.license_table([key], [], 10), GEOM, jax.random.key(1),
+                            obj_cfg(silence_layers=('block9',)))

@@ -71,7 +71,7 @@ def _params(workdir):
 
 # Every multi-process test runs this recipe: long enough to signal a process mid-run.
 RECIPE = ('--config.train.num_epochs=12',)
-NO_BASELINE = '--config.eval.clean_baseline=False'
+NO_BASELINE = ('--config.eval.clean_baseline=False', '--config.objective.clean_distill_weight=0')
 
 
 def _local(num: int, *args, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -81,7 +81,7 @@ def _local(num: int, *args, timeout: float = 600) -> subprocess.CompletedProcess
 
 
 def _one_process(workdir, idx_dir):
-  out, _ = _main(*_args(workdir, idx_dir, *RECIPE, NO_BASELINE), devices=2).communicate(timeout=600)
+  out, _ = _main(*_args(workdir, idx_dir, *RECIPE, *NO_BASELINE), devices=2).communicate(timeout=600)
   assert os.path.exists(os.path.join(workdir, 'report', 'metrics.json')), out[-3000:]
 
 
@@ -117,7 +117,7 @@ def test_two_processes_train_what_one_process_trains(one_process, two_processes)
 
 def _start_pair(workdir, idx_dir, *extra):
   port = _free_port()
-  return [_main(*_args(workdir, idx_dir, *RECIPE, NO_BASELINE, '--config.train.progress_every_s=0',
+  return [_main(*_args(workdir, idx_dir, *RECIPE, *NO_BASELINE, '--config.train.progress_every_s=0',
                        '--heartbeat_timeout_s=15', f'--coordinator_address=127.0.0.1:{port}',
                        '--num_processes=2', f'--process_id={i}', *extra)) for i in range(2)]
 
@@ -153,7 +153,7 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path, idx_dir, 
   before = json.loads((tmp_path / 'run' / 'timings.json').read_text())['train_s']
   assert before > 0
   # Resuming in one process continues the same run: the same parameters as an uninterrupted one.
-  resumed = _main(*_args(tmp_path / 'run', idx_dir, *RECIPE, NO_BASELINE), devices=2)
+  resumed = _main(*_args(tmp_path / 'run', idx_dir, *RECIPE, *NO_BASELINE), devices=2)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0 and f'Resumed licensed model from step {stopped[0]}' in out, out[-3000:]
   # The report's training time adds both runs.

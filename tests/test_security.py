@@ -32,6 +32,16 @@ def test_near_and_shifted_keys():
   assert all(np.array_equal(k.content, key.content) for k in shifted)
 
 
+def test_near_keys_of_a_block_flip_key():
+  geometry = keys.Geometry(kind='patch', image_shape=(28, 28, 1), size=6, position=(21, 21), flip_block=4)
+  key = keys.derive('s', geometry)
+  assert key.content.shape == (36 + 49,)
+  np.testing.assert_array_equal(sections.near_key(key, 0.0, 0).content, key.content)
+  near = sections.near_key(key, 0.25, 3)
+  assert near.content.shape == key.content.shape and 0 < np.sum(near.content != key.content) <= 21
+  assert sorted(k.geometry.position for k in sections.shifted_keys(key, 1)) == [(20, 21), (21, 20), (21, 22), (22, 21)]
+
+
 def test_default_budgets_follow_the_image_type():
   assert sections.default_eps((28, 28, 1)) == (0.1, 0.2)
   assert sections.default_eps((32, 32, 3)) == (8 / 255,)

@@ -89,13 +89,14 @@ def _acc(model: inference.LicensedModel, images, labels, key=None) -> float:
 
 # --- 1. forgery -----------------------------------------------------------------------------------
 def near_key(key: keys_lib.LicenseKey, fraction: float, seed: int) -> keys_lib.LicenseKey:
-  """The true key with ``fraction`` of its pixels (all channels of each) drawn afresh."""
+  """The true key with ``fraction`` of its pixels (all channels of each) drawn afresh; for a key with
+  a block flip (flat content), ``fraction`` of its elements: pattern values and flip bits alike."""
   rng = np.random.default_rng([seed, 0x4EA7])
   content = np.array(key.content)
-  h, w = content.shape[:2]
-  chosen = rng.permutation(h * w)[:int(round(fraction * h * w))]
+  units = content.shape[0] * content.shape[1] if content.ndim >= 2 else content.shape[0]
+  chosen = rng.permutation(units)[:int(round(fraction * units))]
   fresh = key.geometry.sample_numpy(rng)
-  flat, fresh_flat = content.reshape(h * w, -1), fresh.reshape(h * w, -1)
+  flat, fresh_flat = content.reshape(units, -1), fresh.reshape(units, -1)
   flat[chosen] = fresh_flat[chosen]
   return key.replace(name=f'near-{fraction}-{seed}', content=flat.reshape(content.shape))
 

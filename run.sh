@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up what is missing (scripts/setup.sh), then runs the default job: a license-keyed LeNet-5 on
-# Fashion-MNIST, its unlicensed baseline, and the report, in WORKDIR (default: workdirs/default).
+# Sets up what is missing (scripts/setup.sh), then runs the default job: an unlicensed LeNet-5 on
+# Fashion-MNIST (the baseline, which teaches the next), the license-keyed one, and the report, in WORKDIR
+# (default: workdirs/default).
 #   ./run.sh [WORKDIR] [--config.train.num_epochs=3 ...]
 set -euo pipefail
 cd "$(dirname "$0")"

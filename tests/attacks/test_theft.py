@@ -91,3 +91,35 @@ def test_steal_runs_every_move(module, clean_model, data):
   assert {'scratch', 'finetune', 'open_gate', 'reinit:fc3', 'reinit:conv2..fc3', 'freeze:fc1..fc3',
           'probe:conv1/pre', 'probe:fc2/post'} <= set(out['moves'])
   assert all(0.0 <= v <= 1.0 for v in out['moves'].values())
+
+
+def _tiny_zoo_run(name, **kw):
+  """Every move of the thief on an untrained zoo model, tiny data (6 steps per fit)."""
+  module = models.create(name, 4, small_inputs=True, **kw)
+  rng = np.random.default_rng(0)
+  x = rng.random((48, 16, 16, 3)).astype(np.float32)
+  y = np.arange(48) % 4
+  stolen = jax.tree.map(np.asarray, module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))
+  recipe = theft.Recipe(adam_learning_rates=(1e-3,), sgd_learning_rates=(), epochs=1, min_steps=6,
+                        batch_size=8)
+  out = theft.steal(module, stolen, x, y, x[:16], y[:16], fraction=1.0, recipe=recipe)
+  cuts = theft.cut_points(stolen['params'])
+  assert {'scratch', 'finetune', 'open_gate', *(f'reinit:{c}' for c in cuts),
+          *(f'freeze:{c}' for c in cuts)} <= set(out['moves'])
+  assert any(m.startswith('probe:') for m in out['moves'])
+  assert all(0.0 <= v <= 1.0 for v in out['moves'].values())
+  return out
+
+
+@pytest.mark.slow
+def test_every_move_runs_on_a_batchnorm_resnet():
+  out = _tiny_zoo_run('resnet18', depth=10, width=8)
+  # the head, the last stage, the last two stages, three stages
+  assert {'reinit:head', 'freeze:layer4_0..head', 'reinit:layer3_0..head', 'freeze:layer2_0..head'} <= set(out['moves'])
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize('name, kw', [('vgg16', {'batch_norm': True}), ('mobilenetv3_small', {}),
+                                      ('nfnet_f5', {'variant': 'F0'}), ('resnet101', {})])
+def test_every_move_runs_on_the_zoo(name, kw):
+  _tiny_zoo_run(name, **kw)

@@ -383,14 +383,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError('objective.clean_distill_weight > 0 distills the unlicensed baseline into the '
                      'licensed model: it needs eval.clean_baseline=True (or set the weight to 0).')
   baseline, timings = None, {}
-  if distill:  # the teacher first
+  if config.eval.clean_baseline:  # first: it is the licensed model's teacher when distilling
     baseline = host_variables(train(config, wd.baseline, dataset, None))
-  state = train(config, wd, dataset, active, revoked, clean_teacher=baseline)
-  timings['licensed_train_s'] = train_seconds(wd)
-  if config.eval.clean_baseline:
-    if baseline is None:
-      baseline = host_variables(train(config, wd.baseline, dataset, None))
     timings['baseline_train_s'] = train_seconds(wd.baseline)
+  state = train(config, wd, dataset, active, revoked, clean_teacher=baseline if distill else None)
+  timings['licensed_train_s'] = train_seconds(wd)
+  if baseline is not None:
     baseline = licensed_model(config, dataset, baseline)
   t0 = time.perf_counter()
   logging.info('evaluation: %d test images, %d forged keys', len(dataset.test_labels),

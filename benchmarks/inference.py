@@ -96,11 +96,12 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
         timings['exported'] = common.timeit(lambda: exported.logits(images, key))
       if torch is not None:
         net = torch_models.create(name, shape[-1]).eval()
-        x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+        dev = torch_models.device()
+        x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0).to(dev)
         with torch.inference_mode():
           timings['torch numpy'] = common.timeit(lambda: net(torch.from_numpy(
-              images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)).numpy())
-          timings['torch device'] = common.timeit(lambda: net(x))
+              images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0).to(dev)).cpu().numpy())
+          timings['torch device'] = common.timeit(lambda: (net(x), torch_models.sync()))
       row = {'model': name, 'batch': batch}
       row.update({f'{k} img/s': batch / v for k, v in timings.items()})
       row['api / jitted forward'] = timings['jitted forward'] / timings['api']

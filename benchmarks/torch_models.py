@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+def device() -> torch.device:
+  """Where the peer runs: the GPU when PyTorch sees one (as JAX would), else the CPU."""
+  return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def sync() -> None:
+  """Waits for the device's queued work (PyTorch's CUDA calls return before it is done)."""
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
 
 
 class LeNet5(nn.Module):
@@ -59,8 +71,9 @@ class ResNet18(nn.Module):
 
 
 def create(name: str, channels: int) -> nn.Module:
+  """The PyTorch twin of a zoo model, on :func:`device`."""
   if name == 'lenet5':
-    return LeNet5()
+    return LeNet5().to(device())
   if name == 'resnet18':
-    return ResNet18(channels=channels)
+    return ResNet18(channels=channels).to(device())
   raise ValueError(f'No PyTorch twin for {name!r}.')

@@ -98,8 +98,8 @@ def torch_step(name: str, batch: int, steps: int) -> float:
   torch.set_num_threads(os.cpu_count() or 1)
   net = torch_models.create(name, 1)
   opt = torch.optim.AdamW(net.parameters(), 1e-3)
-  x = torch.rand(batch, 1, 28, 28)
-  y = torch.randint(0, 10, (batch,))
+  x = torch.rand(batch, 1, 28, 28, device=torch_models.device())
+  y = torch.randint(0, 10, (batch,), device=torch_models.device())
 
   def one():
     opt.zero_grad()
@@ -107,9 +107,11 @@ def torch_step(name: str, batch: int, steps: int) -> float:
     opt.step()
   for _ in range(3):
     one()
+  torch_models.sync()
   t0 = time.perf_counter()
   for _ in range(steps):
     one()
+  torch_models.sync()
   return steps * batch / (time.perf_counter() - t0)
 
 

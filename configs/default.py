@@ -188,7 +188,7 @@ def patch_key_recipe(config: ml_collections.ConfigDict) -> ml_collections.Config
 
 def tiny_smoke(config: ml_collections.ConfigDict, batch_size: int = 8) -> ml_collections.ConfigDict:
   """A few steps on a few examples, for the test suite's end-to-end run of a large model on CPU:
-  4 training steps, 32 test images, 2 forged keys, no baseline."""
+  4 training steps, 32 test images, 2 forged keys, no baseline (so no distillation from it)."""
   config.smoke = True
   config.dataset.train_limit = 4 * batch_size
   config.dataset.test_limit = 32
@@ -200,6 +200,7 @@ def tiny_smoke(config: ml_collections.ConfigDict, batch_size: int = 8) -> ml_col
   config.eval.batch_size = 32
   config.eval.num_forged = 2
   config.eval.clean_baseline = False
+  config.objective.clean_distill_weight = 0.0  # its teacher is the baseline
   return config
 
 

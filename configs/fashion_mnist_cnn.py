@@ -2,11 +2,14 @@
 
 Variants (the text after ``:``, comma-separated): a model name — ``resnet18`` (default), ``vgg16``
 (with BatchNorm), ``resnet101``, ``mobilenetv3_large``, ``mobilenetv3_small``, ``nfnet_f0`` (NFNet
-F0 depths) — and/or ``smoke``:
+F0 depths) — and/or ``flip`` (the default job's whole-image defenses against a thief who holds the
+weights: the secret 4x4 block flip and distillation from the unlicensed baseline; docs/security.md)
+and/or ``smoke``:
 
   python -m securenet_jax.main --config configs/fashion_mnist_cnn.py --workdir /tmp/fm_resnet18
   python -m securenet_jax.main --config configs/fashion_mnist_cnn.py:vgg16 --workdir /tmp/fm_vgg16
   python -m securenet_jax.main --config configs/fashion_mnist_cnn.py:vgg16,smoke --workdir /tmp/s
+  python -m securenet_jax.main --config configs/fashion_mnist_cnn.py:resnet18,flip --workdir /tmp/fm_r18f
 
 Recipe: SGD, Nesterov momentum 0.9, weight decay 5e-4, batch 128, peak learning rate 0.1 with one
 epoch of warmup and cosine decay: the CIFAR ResNet recipe of He et al. (CVPR 2016, §4.2: SGD,
@@ -30,15 +33,16 @@ MODELS = {  # variant -> (model name, model kwargs besides small_inputs)
 }
 
 
-VARIANTS = tuple(MODELS) + ('smoke',)  # --config FILE:VARIANT; a model and smoke combine: vgg16,smoke
+OPTIONS = ('flip', 'smoke')
+VARIANTS = tuple(MODELS) + OPTIONS  # --config FILE:VARIANT; a model and smoke combine: vgg16,smoke
 
 
 def get_config(variant: str = ''):
-  """Returns the config; ``variant``: a model of MODELS and/or 'smoke', comma-separated."""
+  """Returns the config; ``variant``: a model of MODELS and/or 'flip' and/or 'smoke', comma-separated."""
   parts = [p for p in variant.split(',') if p]
-  unknown = [p for p in parts if p not in MODELS and p != 'smoke']
+  unknown = [p for p in parts if p not in MODELS and p not in OPTIONS]
   if unknown:
-    raise ValueError(f'Unknown variant {unknown}; expected one of {sorted(MODELS)} and/or "smoke".')
+    raise ValueError(f'Unknown variant {unknown}; expected one of {sorted(MODELS)} and/or {OPTIONS}.')
   models = [p for p in parts if p in MODELS] or ['resnet18']
   config = default.get_config('smoke' if 'smoke' in parts else '')
   default.patch_key_recipe(config)  # measured with the patch key (docs/models.md)
@@ -54,6 +58,12 @@ def get_config(variant: str = ''):
   # Keep every positive's gate open (objective.py): with deep BatchNorm networks the silencing hinge
   # can otherwise close the gate for all inputs early in training (seen with 'refuse' multi-user keys).
   config.objective.liveness_weight = 1.0
+  if 'flip' in parts:
+    # The gate stays the penultimate layer alone: a BatchNorm network re-estimates its statistics
+    # when a thief fine-tunes it, which re-opens silenced units anyway; the flip is what a thief's
+    # raw images cannot undo.
+    config.key.flip_block = 4
+    config.objective.clean_distill_weight = 1.0
   if 'smoke' in parts:
     default.tiny_smoke(config)
   return config

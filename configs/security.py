@@ -57,6 +57,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.theft.epochs = 10  # passes over the thief's data ...
   config.theft.min_steps = 500  # ... but at least this many optimizer steps
   config.theft.batch_size = 64
+  config.theft.unprotected = True  # also steal the unprotected baseline (the comparison); False halves the cost
   config.theft.moves = ()  # () = all; or a subset of scratch, finetune, reinit, freeze, open_gate, probe
 
   config.adversarial = ml_collections.ConfigDict()

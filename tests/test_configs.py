@@ -83,3 +83,19 @@ def test_smoke_variant_end_to_end(name, generated, tmp_path):
            if 'mean' in jax.tree_util.keystr(path)]
   if means:  # BatchNorm models: the running means left their zero initialization and were saved
     assert any(np.any(np.asarray(x) != 0) for x in means)
+
+
+def test_flip_variant_of_the_cnn_configs():
+  """fashion_mnist_cnn.py:MODEL,flip turns on the default job's whole-image defenses for the zoo's
+  networks; without it the zoo keeps the patch-key recipe its figures were measured with."""
+  from configs import fashion_mnist_cnn  # pylint: disable=g-import-not-at-top
+  plain = fashion_mnist_cnn.get_config('resnet10_w16')
+  assert plain.key.flip_block == 0 and plain.objective.clean_distill_weight == 0.0
+  flip = fashion_mnist_cnn.get_config('resnet10_w16,flip')
+  assert flip.model.kwargs.depth == 10 and flip.key.flip_block == 4
+  assert flip.objective.clean_distill_weight == 1.0 and tuple(flip.objective.silence_layers) == ()
+  smoke = fashion_mnist_cnn.get_config('flip,smoke')  # no baseline in a smoke run, so no teacher
+  assert smoke.key.flip_block == 4 and not smoke.eval.clean_baseline
+  assert smoke.objective.clean_distill_weight == 0.0
+  with pytest.raises(ValueError, match=r"Unknown variant \['flipp'\]"):
+    fashion_mnist_cnn.get_config('resnet18,flipp')

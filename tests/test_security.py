@@ -108,3 +108,37 @@ def test_bad_requests(trained, tmp_path):
   config.key_name = 'nobody'
   with pytest.raises(ValueError, match='No active key'):
     run(tmp_path)
+
+
+def test_theft_section_without_the_unprotected_twin(tmp_path):
+  """theft.unprotected=False steals the licensed model alone (half the cost); the report says the
+  twin was not run instead of failing."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs import security as security_config  # pylint: disable=g-import-not-at-top
+  from securenet_jax import models  # pylint: disable=g-import-not-at-top
+  from securenet_jax.security import report  # pylint: disable=g-import-not-at-top
+  module = models.create('lenet5', num_classes=4)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  model = types.SimpleNamespace(module=module, variables=variables)
+  rng = np.random.default_rng(0)
+  images, labels = rng.random((40, 28, 28, 1)).astype(np.float32), np.arange(40) % 4
+  t = types.SimpleNamespace(licensed=model, unprotected=model, module=module, train_images=images,
+                            train_labels=labels, test_images=images[:16], test_labels=labels[:16])
+  config = security_config.get_config('smoke')
+  config.theft.fractions = (0.5,)
+  config.theft.moves = ('scratch', 'finetune')
+  config.theft.adam_learning_rates, config.theft.sgd_learning_rates = (1e-3,), ()
+  config.theft.epochs, config.theft.min_steps, config.theft.batch_size = 1, 2, 8
+  config.theft.unprotected = False
+  flat, detail = sections.theft(t, config)
+  assert set(flat) == {'theft_gain@0.50', 'theft_scratch_acc@0.50', 'theft_best_move@0.50'}
+  assert set(detail['0.50']) == {'licensed'} and detail['0.50']['licensed']['best_move'] == 'finetune'
+  text = report.markdown(flat, {'theft': detail}, {})
+  assert '| finetune |' in text and 'not run' in text
+  report.figure(str(tmp_path / 'f.png'), {'theft': detail})
+  assert os.path.getsize(tmp_path / 'f.png') > 0
+  config.theft.unprotected = True
+  flat, detail = sections.theft(t, config)
+  assert 'theft_gain_unprotected@0.50' in flat and set(detail['0.50']) == {'licensed', 'unprotected'}

@@ -43,7 +43,8 @@ def markdown(flat: dict, sections: dict, timings: dict, smoke: bool = False) -> 
     for k, row in sections['theft'].items():
       if not isinstance(row, dict) or 'licensed' not in row:
         continue
-      lic, unp = row['licensed'], row['unprotected']
+      lic = row['licensed']
+      unp = row.get('unprotected', {'moves': {}, 'best_move': 'not run', 'gain': float('nan')})
       lines += [f'### k = {k} ({lic["subset_size"]} labeled images)', '',
                 '| move | licensed | unprotected |', '| --- | --- | --- |']
       lines += [f'| {m} | {lic["moves"][m]:.4f} | {unp["moves"].get(m, float("nan")):.4f} |'
@@ -100,7 +101,8 @@ def figure(path, sections: dict, smoke: bool = False) -> None:
     x = np.arange(len(rows))
     series = [('scratch', [v['licensed']['scratch_acc'] for _, v in rows], 'tab:gray'),
               ('licensed: best move', [v['licensed']['best_acc'] for _, v in rows], 'tab:blue'),
-              ('unprotected: best move', [v['unprotected']['best_acc'] for _, v in rows], 'tab:orange')]
+              ('unprotected: best move', [v.get('unprotected', {}).get('best_acc', np.nan) for _, v in rows],
+               'tab:orange')]
     for i, (label, values, color) in enumerate(series):
       bars = axes[2].bar(x + 0.27 * (i - 1), values, width=0.27, label=label, color=color)
       axes[2].bar_label(bars, labels=[f'{v:.3f}' for v in values], fontsize=6, rotation=90, padding=2)

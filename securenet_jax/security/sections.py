@@ -208,10 +208,12 @@ def theft(t: Target, cfg) -> tuple[dict, dict]:
                             test_labels=test_labels, fraction=fraction, recipe=recipe, seed=cfg.seed,
                             moves=moves)
     licensed = run(t.licensed.variables)
-    unprotected = run(t.unprotected.variables, scratch_acc=licensed['scratch_acc'])  # same data, same sweep
-    detail[k] = {'licensed': licensed, 'unprotected': unprotected}
+    detail[k] = {'licensed': licensed}
     flat[f'theft_gain@{k}'] = licensed['gain']
-    flat[f'theft_gain_unprotected@{k}'] = unprotected['gain']
+    if c.get('unprotected', True):
+      unprotected = run(t.unprotected.variables, scratch_acc=licensed['scratch_acc'])  # same data, same sweep
+      detail[k]['unprotected'] = unprotected
+      flat[f'theft_gain_unprotected@{k}'] = unprotected['gain']
     flat[f'theft_scratch_acc@{k}'] = licensed['scratch_acc']
     flat[f'theft_best_move@{k}'] = licensed['best_move']
   return flat, detail

@@ -3,6 +3,7 @@
 Usage:
   python -m securenet_jax.main --config configs/default.py --workdir /tmp/securenet
   python -m securenet_jax.main --config configs/default.py:smoke --workdir /tmp/smoke   # tiny run
+  python -m securenet_jax.main --config configs/default.py:bn --workdir /tmp/bn   # LeNet-5 with BatchNorm
 Override any field: --config.train.num_epochs=3 --config.key.secret=my-secret
 """
 
@@ -11,11 +12,16 @@ import os
 import ml_collections
 
 
-VARIANTS = ('smoke',)  # the text after ':' in --config FILE:VARIANT
+VARIANTS = ('smoke', 'bn')  # the text after ':' in --config FILE:VARIANT (comma-separated)
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
-  """Returns the config; ``variant`` is the text after ``:`` in ``--config``: '' or 'smoke'."""
+  """Returns the config; ``variant`` is the text after ``:`` in ``--config``: '', 'smoke', 'bn' (LeNet-5
+  with BatchNorm after every hidden layer) or both, comma-separated."""
+  parts = [p for p in variant.split(',') if p]
+  unknown = [p for p in parts if p not in VARIANTS]
+  if unknown:
+    raise ValueError(f'Unknown config variant {unknown}; expected "" or any of {VARIANTS}, comma-separated.')
   config = ml_collections.ConfigDict()
   config.seed = 0  # base PRNG seed: initialization, data order, forged negatives
   config.smoke = False  # a seconds-long test run (the :smoke variant); its report says so
@@ -142,7 +148,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.eval.force = False  # evaluate a finished workdir again (else its report is printed)
 
 
-  if variant == 'smoke':
+  if 'bn' in parts:
+    config.model.kwargs.batch_norm = True
+    config.objective.silence_layers = ('fc1_bn',)  # fc1's pre-activation is its BatchNorm's output
+  if 'smoke' in parts:
     config.smoke = True
     config.dataset.train_limit = 1024
     config.dataset.test_limit = 256
@@ -153,8 +162,6 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 8
     config.eval.batch_size = 128
     config.eval.num_forged = 3
-  elif variant:
-    raise ValueError(f'Unknown config variant {variant!r}; expected "" or "smoke".')
   return config
 
 

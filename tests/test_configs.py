@@ -99,3 +99,13 @@ def test_flip_variant_of_the_cnn_configs():
   assert smoke.objective.clean_distill_weight == 0.0
   with pytest.raises(ValueError, match=r"Unknown variant \['flipp'\]"):
     fashion_mnist_cnn.get_config('resnet18,flipp')
+
+
+def test_batch_norm_variant_of_the_default():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config('bn,smoke')
+  assert config.model.kwargs.batch_norm and config.smoke
+  assert tuple(config.objective.silence_layers) == ('fc1_bn',)  # fc1's pre-activation, after its norm
+  assert not default.get_config().model.kwargs.get('batch_norm', False)
+  with pytest.raises(ValueError, match=r"Unknown config variant \['bm'\]"):
+    default.get_config('smoke,bm')

@@ -37,6 +37,22 @@ def test_lenet5_outputs_and_penultimate():
   assert state['intermediates']['penultimate'][0].shape == (3, 84)
 
 
+def test_lenet5_with_batch_norm():
+  """batch_norm=True: a BatchNorm after each hidden layer (running statistics outside the params),
+  batch statistics in training mode, running averages in evaluation, the gate after fc2's norm."""
+  model = models.create('lenet5', num_classes=10, batch_norm=True)
+  x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x[:1])
+  assert sorted(variables['batch_stats']) == ['bn1', 'bn2', 'fc1_bn', 'fc2_bn']
+  assert sum(p.size for p in jax.tree.leaves(variables['params'])) == 61_706 + 2 * (6 + 16 + 120 + 84)
+  train_out, state = model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'])
+  eval_out = model.apply(variables, x, train=False)
+  assert train_out.shape == eval_out.shape == (8, 10)
+  assert not np.allclose(train_out, eval_out)  # batch statistics vs the (initial) running averages
+  assert state['intermediates']['penultimate'][0].shape == (8, 84)
+  assert not jax.tree.all(jax.tree.map(np.allclose, state['batch_stats'], variables['batch_stats']))
+
+
 def test_create_rejects_unknown():
   with pytest.raises(ValueError, match='Unknown model'):
     models.create('alexnet', 10)

@@ -40,9 +40,10 @@ from securenet_jax import predict as predict_lib
 from securenet_jax.attacks import common
 
 # A parameter group belongs to the unit named by the first matching pattern's group 1 (else to
-# itself): residual / MobileNet / NFNet blocks, stems, and conv+BN pairs (VGG, the ResNet stem).
+# itself): residual / MobileNet / NFNet blocks, stems, a dense layer and its BN (LeNet-5 with
+# batch_norm), and conv+BN pairs (VGG, the ResNet stem, LeNet-5).
 _UNIT_PATTERNS = (r'^(layer\d+_\d+)_', r'^(stage\d+_block\d+)$', r'^(block\d+)_', r'^(stem)_',
-                  r'^(last)_', r'^(?:conv|bn)(\d+)$')
+                  r'^(last)_', r'^(fc\d+)_', r'^(?:conv|bn)(\d+)$')
 _STAGE = re.compile(r'^(layer\d+|stage\d+)_')
 # Depth order of unit names (JAX sorts dict keys, so the creation order is not kept): stems and plain
 # convs, then blocks, then the last conv, the fully connected layers and the head; numbers in order.

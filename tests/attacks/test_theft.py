@@ -21,6 +21,12 @@ def test_units_and_cut_points_of_lenet_and_resnet():
   assert theft.cut_points(lenet) == {'fc3': ['fc3'], 'fc2..fc3': ['fc2', 'fc3'],
                                      'fc1..fc3': ['fc1', 'fc2', 'fc3'],
                                      'conv2..fc3': ['conv2', 'fc1', 'fc2', 'fc3']}
+  bn = _params('lenet5', batch_norm=True)  # each layer's BatchNorm goes with it
+  assert [(u, set(n)) for u, n in theft.units(bn)] == [
+      ('conv1', {'conv1', 'bn1'}), ('conv2', {'conv2', 'bn2'}), ('fc1', {'fc1', 'fc1_bn'}),
+      ('fc2', {'fc2', 'fc2_bn'}), ('fc3', {'fc3'})]
+  assert [theft.output_of(u, n) for u, n in theft.units(bn)] == ['bn1', 'bn2', 'fc1_bn', 'fc2_bn', 'fc3']
+  assert set(theft.cut_points(bn)['fc2..fc3']) == {'fc2', 'fc2_bn', 'fc3'}
   resnet = _params('resnet18', small_inputs=True)
   names = [u for u, _ in theft.units(resnet)]
   assert names == ['conv1'] + [f'layer{s}_{b}' for s in range(1, 5) for b in range(2)] + ['head']

@@ -88,6 +88,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.near_key_fraction = 0.5  # share of forged negatives that are near misses of the real key
   config.objective.revoked_fraction = 0.25  # share of forged negatives replaced by revoked keys (if any)
   config.objective.near_key_min_change = 0.25  # a near miss re-randomizes at least this share of the key's pixels
+  # Binary keys: half of the near misses instead invert 1..this many of the key's elements (0 = off):
+  # misses by a bit, against a thief's bit-by-bit search of the key (docs/security.md, "Key search").
+  config.objective.near_key_max_flips = 0
   config.objective.uniform_weight = 1.0  # KL(uniform || softmax) on negatives
   config.objective.zero_logit_weight = 0.0  # mean squared logit on negatives
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives

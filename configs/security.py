@@ -21,7 +21,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.key_name = ''  # which active key the licensee holds ('' = the first)
   config.seed = 0
   config.smoke = False  # a seconds-long test run (the :smoke variant); its report says so
-  config.sections = ('forgery', 'leakage', 'recovery', 'removal', 'theft', 'adversarial', 'backdoor')
+  config.sections = ('forgery', 'leakage', 'recovery', 'keysearch', 'removal', 'theft', 'adversarial',
+                     'backdoor')
   config.num_test = 0  # test images used by the costly sections (0 = all)
 
   config.forgery = ml_collections.ConfigDict()
@@ -41,6 +42,14 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.recovery.learning_rate = 0.1
   config.recovery.l1_weights = (0.0, 0.01)  # mask-size penalties tried (the thief keeps the best)
   config.recovery.batch_size = 128
+
+  # A white-box thief who knows the scheme inverts the key's bits one at a time (attacks/keysearch.py).
+  config.keysearch = ml_collections.ConfigDict()
+  config.keysearch.data_fraction = 0.01  # the thief's labeled data (share of train)
+  config.keysearch.stages = ('gate', 'ce')  # objectives, one after the other: gate opening, then -CE
+  config.keysearch.max_passes = 8  # passes over every bit per stage (fewer when a pass changes nothing)
+  config.keysearch.restarts = 2  # random starts; the thief keeps the key best on his own data
+  config.keysearch.seed = 3_000_000
 
   config.removal = ml_collections.ConfigDict()
   config.removal.fractions = (0.01, 0.05, 0.10)  # labeled data the thief fine-tunes on
@@ -92,6 +101,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     config.forgery.shifts = (1,)
     config.recovery.steps = 20
     config.recovery.l1_weights = (0.01,)
+    config.keysearch.max_passes = 1
+    config.keysearch.restarts = 1
     config.removal.fractions = (0.01,)
     config.removal.learning_rates = (1e-3,)
     config.removal.epochs = 1

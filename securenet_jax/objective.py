@@ -167,7 +167,8 @@ def negative_loss(logits: jax.Array, penultimate: jax.Array, cfg, weights: jax.A
 
 
 def near_keys(own_content: jax.Array, forged_content: jax.Array, geometry: keys_lib.Geometry,
-              rng: jax.Array, min_change: float, pattern_only: bool = False) -> keys_lib.KeyArrays:
+              rng: jax.Array, min_change: float, pattern_only: bool = False,
+              max_flips: int = 0) -> keys_lib.KeyArrays:
   """Near misses of the real keys: each keeps its real key's content in a random share of the content's
   elements (pixels of the pattern, bits of the block flip) and re-randomizes the others (between
   ``min_change`` and all of them). Training on them as negatives makes the model accept the exact key
@@ -175,15 +176,31 @@ def near_keys(own_content: jax.Array, forged_content: jax.Array, geometry: keys_
 
   ``own_content`` and ``forged_content`` are (n, *content_shape): one real key per near miss.
   ``pattern_only`` (block-flip keys): only the pattern's pixels change, the block flip stays exact.
+  ``max_flips`` > 0 (binary keys): half of the near misses instead invert between 1 and ``max_flips``
+  elements of the real key, chosen at random: misses by a bit or a few, which a share re-randomized
+  rarely produces, and which a thief's bit-by-bit search of the key walks through.
   """
-  change_rng, element_rng = jax.random.split(rng)
+  change_rng, element_rng, flips_rng, pick_rng, half_rng = jax.random.split(rng, 5)
   n = forged_content.shape[0]
   share = jax.random.uniform(change_rng, (n,) + (1,) * (forged_content.ndim - 1), minval=min_change,
                              maxval=1.0)
   changed = jax.random.uniform(element_rng, forged_content.shape) < share
+  size = int(np.prod(forged_content.shape[1:]))
+  eligible = np.ones(size, bool)  # elements a near miss may change (flat content order)
   if pattern_only and geometry.flip_block:
-    changed = changed & (jnp.arange(forged_content.shape[-1]) < geometry.split(forged_content)[0].shape[-1])
-  return geometry.arrays(jnp.where(changed, forged_content, own_content))
+    eligible = np.arange(size) < geometry.split(forged_content)[0].shape[-1]
+  changed = changed & eligible.reshape(forged_content.shape[1:])
+  content = jnp.where(changed, forged_content, own_content)
+  if max_flips > 0 and geometry.kind == 'patch' and geometry.values == 'binary':
+    flat_own = own_content.reshape(n, size)
+    num = jax.random.randint(flips_rng, (n, 1), 1, max_flips + 1)
+    # the ``num`` eligible elements with the smallest random scores are inverted ({0, 1} content)
+    scores = jnp.where(eligible, jax.random.uniform(pick_rng, flat_own.shape), 2.0)
+    rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
+    inverted = jnp.where(rank < num, 1.0 - flat_own, flat_own).reshape(own_content.shape)
+    use = jax.random.bernoulli(half_rng, 0.5, (n,) + (1,) * (own_content.ndim - 1))
+    content = jnp.where(use, inverted, content)
+  return geometry.arrays(content)
 
 
 def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geometry,
@@ -225,7 +242,8 @@ def build_inputs(images: jax.Array, table: LicenseTable, geometry: keys_lib.Geom
   if num_near:
     own = table.content[key_index[batch - num_forged:][:num_near]]
     near = near_keys(own, forged_content[:num_near], geometry, near_rng, cfg.near_key_min_change,
-                     pattern_only=cfg.get('flip_exact_hardening', False))
+                     pattern_only=cfg.get('flip_exact_hardening', False),
+                     max_flips=int(cfg.get('near_key_max_flips', 0)))
     keep_parts.append(jnp.broadcast_to(near.keep, near.add.shape[:-1] + near.keep.shape[-1:]))
     add_parts.append(near.add)
   if num_revoked:

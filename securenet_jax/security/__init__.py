@@ -40,7 +40,7 @@ from securenet_jax import workdir as workdir_lib
 from securenet_jax.security import report
 from securenet_jax.security import sections as sections_lib
 
-SECTIONS = ('forgery', 'leakage', 'recovery', 'removal', 'theft', 'adversarial', 'backdoor')
+SECTIONS = ('forgery', 'leakage', 'recovery', 'keysearch', 'removal', 'theft', 'adversarial', 'backdoor')
 
 
 def _wanted_sections(config) -> list[str]:

@@ -25,6 +25,7 @@ from securenet_jax import workdir as workdir_lib
 from securenet_jax.attacks import adversarial as adversarial_lib
 from securenet_jax.attacks import backdoor as backdoor_lib
 from securenet_jax.attacks import common
+from securenet_jax.attacks import keysearch as keysearch_lib
 from securenet_jax.attacks import recovery as recovery_lib
 from securenet_jax.attacks import removal as removal_lib
 from securenet_jax.attacks import theft as theft_lib
@@ -170,6 +171,33 @@ def recovery(t: Target, cfg) -> tuple[dict, dict]:
   best = max(trials.values(), key=lambda d: d['acc'])
   return ({'recovered_acc': best['acc'], 'recovery_data_size': int(len(labels))},
           {'trials': trials, 'unprotected_acc': _acc(t.unprotected, test_images, test_labels)})
+
+
+def keysearch(t: Target, cfg) -> tuple[dict, dict]:
+  """A white-box thief who knows the key scheme searches the key bit by bit (attacks/keysearch.py)
+  with his labeled data; the best of ``restarts`` random starts is scored on key-less test data."""
+  k = cfg.keysearch
+  geometry = t.key.geometry
+  if not keysearch_lib.searchable(geometry):
+    return {}, {'skipped': f'not a binary patch key ({geometry.kind}, {geometry.values})'}
+  images, labels = common.subset(t.train_images, t.train_labels, k.data_fraction, cfg.seed)
+  test_images, test_labels = _test_subset(t, cfg.num_test, cfg.seed)
+  true = np.asarray(t.key.content).reshape(-1)
+  runs = []
+  for r in range(k.restarts):
+    out = keysearch_lib.search(t.module, t.licensed.variables, geometry, images, labels,
+                               stages=tuple(k.stages), max_passes=k.max_passes, seed=k.seed + r)
+    found = out['content'].reshape(-1)
+    runs.append({'acc': keysearch_lib.key_accuracy(t.module, t.licensed.variables, geometry,
+                                                   out['content'], test_images, test_labels),
+                 'thief_data_acc': keysearch_lib.key_accuracy(t.module, t.licensed.variables, geometry,
+                                                              out['content'], images, labels),
+                 'agreement': float(np.mean(found == true)), 'evaluations': out['evaluations'],
+                 'seconds': out['seconds'], 'history': out['history']})
+  best = max(runs, key=lambda run: run['thief_data_acc'])  # the thief picks on his own data
+  return ({'keysearch_acc': best['acc'], 'keysearch_agreement': best['agreement'],
+           'keysearch_evaluations': int(sum(run['evaluations'] for run in runs))},
+          {'runs': runs, 'data_size': int(len(labels)), 'elements': int(true.size)})
 
 
 # --- 4. removal -----------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""Key search: a white-box thief who knows the key *scheme* searches the key's bits one at a time.
+
+Kerckhoffs: the thief knows everything but the secret: the geometry (patch size and position, the
+block size of the flip), that the content is binary, and the weights. He also has a few labeled
+images. He starts from a random key and inverts one element at a time (a pixel of the pattern, a bit
+of the block flip), keeping the change when an objective improves (coordinate ascent with first
+improvement, every element once per pass in a random order, until a pass changes nothing). The
+objectives, in stages, each starting where the last stopped:
+
+* ``gate``: how far the gate opens, the mean over his images of the largest pre-activation of the
+  penultimate layer (white-box: it reads a hidden layer). It moves even while every output is
+  silenced, which is what a search needs to start.
+* ``ce``: minus the cross-entropy of the stamped images' logits against his labels (the outputs,
+  and his labels).
+* ``acc``: his accuracy (a tie broken by the cross-entropy).
+
+A recovered key is scored like any key, on key-less test data the thief never saw. The number of
+model evaluations is reported: each is one forward of the thief's images.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from securenet_jax import keys as keys_lib
+
+OBJECTIVES = ('gate', 'ce', 'acc')
+
+
+def searchable(geometry: keys_lib.Geometry) -> bool:
+  """Keys whose content is a bit vector: binary patch keys, with or without a block flip."""
+  return geometry.kind == 'patch' and geometry.values == 'binary'
+
+
+def objectives_fn(module: nn.Module, variables: Any, geometry: keys_lib.Geometry):
+  """A jitted ``(content, images, labels) -> {objective: value}``, higher is better for the thief."""
+
+  @jax.jit
+  def fn(content, images, labels):
+    stamped = keys_lib.stamp_arrays(images, geometry.arrays(content))
+    logits, state = module.apply(variables, stamped, train=False, mutable=['intermediates'])
+    gate = state['intermediates']['penultimate'][0].reshape(images.shape[0], -1).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    ce = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return {'gate': jnp.mean(jnp.max(gate, axis=-1)), 'ce': -ce, 'acc': acc - 1e-3 * ce}
+
+  return fn
+
+
+def search(module: nn.Module, variables: Any, geometry: keys_lib.Geometry, images: np.ndarray,
+           labels: np.ndarray, *, stages: Sequence[str] = ('gate', 'ce'), max_passes: int = 8,
+           seed: int = 0, start: np.ndarray | None = None) -> dict:
+  """Coordinate ascent over the key's bits.
+
+  Args:
+    module, variables: the stolen model.
+    geometry: the key's public geometry (binary patch key; :func:`searchable`).
+    images, labels: the thief's labeled data (float NHWC in [0, 1]).
+    stages: objectives of :data:`OBJECTIVES`, searched one after the other.
+    max_passes: passes over every element per stage (a stage also stops after a pass with no change).
+    seed: the random start and the order of the elements.
+    start: the starting content (default: a random key of the geometry).
+
+  Returns:
+    ``{'content': the key found, 'evaluations': model evaluations, 'history': [per pass: stage,
+    objective value, elements changed], 'seconds'}``.
+  """
+  if not searchable(geometry):
+    raise ValueError(f'Key search needs a binary patch key; this key is {geometry.kind!r} with '
+                     f'{geometry.values!r} values.')
+  unknown = [s for s in stages if s not in OBJECTIVES]
+  if unknown:
+    raise ValueError(f'Unknown key-search objectives {unknown}; expected some of {OBJECTIVES}.')
+  rng = np.random.default_rng(seed)
+  content = (geometry.sample_numpy(rng) if start is None else np.array(start)).astype(np.float32)
+  fn = objectives_fn(module, variables, geometry)
+  x, y = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
+  history, evaluations, t0 = [], 0, time.time()
+  flat = content.reshape(-1)
+  for stage in stages:
+    current = float(fn(flat.reshape(content.shape), x, y)[stage])
+    evaluations += 1
+    for _ in range(max_passes):
+      changed = 0
+      for i in rng.permutation(flat.size):
+        flat[i] = 1.0 - flat[i]
+        value = float(fn(flat.reshape(content.shape), x, y)[stage])
+        evaluations += 1
+        if value > current + 1e-7:
+          current, changed = value, changed + 1
+        else:
+          flat[i] = 1.0 - flat[i]
+      history.append({'stage': stage, 'objective': current, 'changed': changed})
+      if not changed:
+        break
+  return {'content': flat.reshape(content.shape).copy(), 'evaluations': evaluations,
+          'history': history, 'seconds': time.time() - t0}
+
+
+def key_accuracy(module: nn.Module, variables: Any, geometry: keys_lib.Geometry, content: np.ndarray,
+                 images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
+  """Accuracy of the model on ``images`` stamped with the key ``content``."""
+  correct = 0.0
+  for i in range(0, len(labels), batch_size):
+    xb = jnp.asarray(images[i:i + batch_size], jnp.float32)
+    stamped = keys_lib.stamp_arrays(xb, geometry.arrays(jnp.asarray(content)))
+    logits = module.apply(variables, stamped, train=False)
+    correct += float(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels[i:i + batch_size])))
+  return correct / max(len(labels), 1)

@@ -48,7 +48,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.keysearch.data_fraction = 0.01  # the thief's labeled data (share of train)
   config.keysearch.stages = ('gate', 'ce')  # objectives, one after the other: gate opening, then -CE
   config.keysearch.max_passes = 8  # passes over every bit per stage (fewer when a pass changes nothing)
-  config.keysearch.restarts = 2  # random starts; the thief keeps the key best on his own data
+  config.keysearch.starts = 8  # random starts of the first stage; the best goes on
   config.keysearch.seed = 3_000_000
 
   config.removal = ml_collections.ConfigDict()
@@ -102,7 +102,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     config.recovery.steps = 20
     config.recovery.l1_weights = (0.01,)
     config.keysearch.max_passes = 1
-    config.keysearch.restarts = 1
+    config.keysearch.starts = 2
     config.removal.fractions = (0.01,)
     config.removal.learning_rates = (1e-3,)
     config.removal.epochs = 1

@@ -2,10 +2,11 @@
 
 Kerckhoffs: the thief knows everything but the secret: the geometry (patch size and position, the
 block size of the flip), that the content is binary, and the weights. He also has a few labeled
-images. He starts from a random key and inverts one element at a time (a pixel of the pattern, a bit
+images. He starts from random keys and inverts one element at a time (a pixel of the pattern, a bit
 of the block flip), keeping the change when an objective improves (coordinate ascent with first
 improvement, every element once per pass in a random order, until a pass changes nothing). The
-objectives, in stages, each starting where the last stopped:
+objectives, in stages, each starting where the last stopped (the first from several random keys,
+keeping the best):
 
 * ``gate``: how far the gate opens, the mean over his images of the largest pre-activation of the
   penultimate layer (white-box: it reads a hidden layer). It moves even while every output is
@@ -54,10 +55,33 @@ def objectives_fn(module: nn.Module, variables: Any, geometry: keys_lib.Geometry
   return fn
 
 
+def _ascend(fn, flat, shape, x, y, stage, max_passes, rng, history) -> tuple[float, int]:
+  """Coordinate ascent of one objective, in place on ``flat``; returns (objective, evaluations)."""
+  current = float(fn(flat.reshape(shape), x, y)[stage])
+  evaluations = 1
+  for _ in range(max_passes):
+    changed = 0
+    for i in rng.permutation(flat.size):
+      flat[i] = 1.0 - flat[i]
+      value = float(fn(flat.reshape(shape), x, y)[stage])
+      evaluations += 1
+      if value > current + 1e-7:
+        current, changed = value, changed + 1
+      else:
+        flat[i] = 1.0 - flat[i]
+    history.append({'stage': stage, 'objective': current, 'changed': changed})
+    if not changed:
+      break
+  return current, evaluations
+
+
 def search(module: nn.Module, variables: Any, geometry: keys_lib.Geometry, images: np.ndarray,
            labels: np.ndarray, *, stages: Sequence[str] = ('gate', 'ce'), max_passes: int = 8,
-           seed: int = 0, start: np.ndarray | None = None) -> dict:
+           starts: int = 1, seed: int = 0, start: np.ndarray | None = None) -> dict:
   """Coordinate ascent over the key's bits.
+
+  The first stage runs from ``starts`` random keys (it stops in local optima, some far better than
+  others); the key that ends it highest goes on through the later stages.
 
   Args:
     module, variables: the stolen model.
@@ -65,43 +89,39 @@ def search(module: nn.Module, variables: Any, geometry: keys_lib.Geometry, image
     images, labels: the thief's labeled data (float NHWC in [0, 1]).
     stages: objectives of :data:`OBJECTIVES`, searched one after the other.
     max_passes: passes over every element per stage (a stage also stops after a pass with no change).
-    seed: the random start and the order of the elements.
-    start: the starting content (default: a random key of the geometry).
+    starts: random starting keys of the first stage.
+    seed: the random starts and the order of the elements.
+    start: the (single) starting content instead of random ones.
 
   Returns:
-    ``{'content': the key found, 'evaluations': model evaluations, 'history': [per pass: stage,
-    objective value, elements changed], 'seconds'}``.
+    ``{'content': the key found, 'evaluations': model evaluations, 'first_stage': the first stage's
+    final objective per start, 'history': [per pass of the continued key: stage, objective value,
+    elements changed], 'seconds'}``.
   """
   if not searchable(geometry):
     raise ValueError(f'Key search needs a binary patch key; this key is {geometry.kind!r} with '
                      f'{geometry.values!r} values.')
   unknown = [s for s in stages if s not in OBJECTIVES]
-  if unknown:
-    raise ValueError(f'Unknown key-search objectives {unknown}; expected some of {OBJECTIVES}.')
+  if unknown or not stages:
+    raise ValueError(f'Unknown key-search objectives {unknown or list(stages)}; expected some of '
+                     f'{OBJECTIVES}.')
   rng = np.random.default_rng(seed)
-  content = (geometry.sample_numpy(rng) if start is None else np.array(start)).astype(np.float32)
   fn = objectives_fn(module, variables, geometry)
   x, y = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
-  history, evaluations, t0 = [], 0, time.time()
-  flat = content.reshape(-1)
-  for stage in stages:
-    current = float(fn(flat.reshape(content.shape), x, y)[stage])
-    evaluations += 1
-    for _ in range(max_passes):
-      changed = 0
-      for i in rng.permutation(flat.size):
-        flat[i] = 1.0 - flat[i]
-        value = float(fn(flat.reshape(content.shape), x, y)[stage])
-        evaluations += 1
-        if value > current + 1e-7:
-          current, changed = value, changed + 1
-        else:
-          flat[i] = 1.0 - flat[i]
-      history.append({'stage': stage, 'objective': current, 'changed': changed})
-      if not changed:
-        break
-  return {'content': flat.reshape(content.shape).copy(), 'evaluations': evaluations,
-          'history': history, 'seconds': time.time() - t0}
+  shape, t0, evaluations = geometry.content_shape, time.time(), 0
+  candidates = []
+  for _ in range(1 if start is not None else max(1, starts)):
+    flat = (geometry.sample_numpy(rng) if start is None else np.array(start)).astype(np.float32).reshape(-1)
+    history: list[dict] = []
+    value, n = _ascend(fn, flat, shape, x, y, stages[0], max_passes, rng, history)
+    evaluations += n
+    candidates.append((value, flat, history))
+  _, flat, history = max(candidates, key=lambda c: c[0])
+  for stage in stages[1:]:
+    _, n = _ascend(fn, flat, shape, x, y, stage, max_passes, rng, history)
+    evaluations += n
+  return {'content': flat.reshape(shape).copy(), 'evaluations': evaluations,
+          'first_stage': [c[0] for c in candidates], 'history': history, 'seconds': time.time() - t0}
 
 
 def key_accuracy(module: nn.Module, variables: Any, geometry: keys_lib.Geometry, content: np.ndarray,

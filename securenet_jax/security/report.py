@@ -37,12 +37,17 @@ def markdown(flat: dict, sections: dict, timings: dict, smoke: bool = False) -> 
     for eps, row in sections['adversarial'].items():
       if isinstance(row, dict) and eps.startswith('eps='):
         lines += [f'| {eps[4:]} | {k} | {v:.4f} |' for k, v in row.items()]
-  if 'keysearch' in sections and 'runs' in sections['keysearch']:
-    lines += ['', '## Key search: the key\'s bits inverted one at a time (white-box, labeled data)', '',
-              '| start | test accuracy | thief\'s data | agreement with the key | evaluations | seconds |',
-              '| --- | --- | --- | --- | --- | --- |']
-    lines += [f'| {i} | {r["acc"]:.4f} | {r["thief_data_acc"]:.4f} | {r["agreement"]:.3f} | {r["evaluations"]} | '
-              f'{r["seconds"]:.0f} |' for i, r in enumerate(sections['keysearch']['runs'])]
+  if 'keysearch' in sections and 'history' in sections['keysearch']:
+    ks = sections['keysearch']
+    lines += ['', "## Key search: the key's bits inverted one at a time (white-box, labeled data)", '',
+              f'{ks["data_size"]} labeled images, {ks["elements"]} key elements; first stage from '
+              f'{len(ks["first_stage"])} random keys, ends: '
+              + ', '.join(f'{v:.3f}' for v in ks['first_stage']) + '.', '',
+              '| stage | objective | elements changed |', '| --- | --- | --- |']
+    lines += [f'| {h["stage"]} | {h["objective"]:.4f} | {h["changed"]} |' for h in ks['history']]
+    lines += ['', f'Recovered key: test accuracy {ks["figures"]["keysearch_acc"]:.4f}, on the thief\'s data '
+              f'{ks["thief_data_acc"]:.4f}, agreement with the true key '
+              f'{ks["figures"]["keysearch_agreement"]:.3f}, {ks["seconds"]:.0f} s.']
   if 'theft' in sections:
     lines += ['', '## Theft: a thief with the weights and k% of the labels (accuracy without key)', '',
               'Gain = best move - training from scratch on the same data.', '']

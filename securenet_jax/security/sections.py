@@ -175,29 +175,25 @@ def recovery(t: Target, cfg) -> tuple[dict, dict]:
 
 def keysearch(t: Target, cfg) -> tuple[dict, dict]:
   """A white-box thief who knows the key scheme searches the key bit by bit (attacks/keysearch.py)
-  with his labeled data; the best of ``restarts`` random starts is scored on key-less test data."""
+  with his labeled data; the key he ends with is scored on key-less test data."""
   k = cfg.keysearch
   geometry = t.key.geometry
   if not keysearch_lib.searchable(geometry):
     return {}, {'skipped': f'not a binary patch key ({geometry.kind}, {geometry.values})'}
   images, labels = common.subset(t.train_images, t.train_labels, k.data_fraction, cfg.seed)
   test_images, test_labels = _test_subset(t, cfg.num_test, cfg.seed)
-  true = np.asarray(t.key.content).reshape(-1)
-  runs = []
-  for r in range(k.restarts):
-    out = keysearch_lib.search(t.module, t.licensed.variables, geometry, images, labels,
-                               stages=tuple(k.stages), max_passes=k.max_passes, seed=k.seed + r)
-    found = out['content'].reshape(-1)
-    runs.append({'acc': keysearch_lib.key_accuracy(t.module, t.licensed.variables, geometry,
-                                                   out['content'], test_images, test_labels),
-                 'thief_data_acc': keysearch_lib.key_accuracy(t.module, t.licensed.variables, geometry,
-                                                              out['content'], images, labels),
-                 'agreement': float(np.mean(found == true)), 'evaluations': out['evaluations'],
-                 'seconds': out['seconds'], 'history': out['history']})
-  best = max(runs, key=lambda run: run['thief_data_acc'])  # the thief picks on his own data
-  return ({'keysearch_acc': best['acc'], 'keysearch_agreement': best['agreement'],
-           'keysearch_evaluations': int(sum(run['evaluations'] for run in runs))},
-          {'runs': runs, 'data_size': int(len(labels)), 'elements': int(true.size)})
+  out = keysearch_lib.search(t.module, t.licensed.variables, geometry, images, labels,
+                             stages=tuple(k.stages), max_passes=k.max_passes, starts=k.starts,
+                             seed=k.seed)
+  found, true = out['content'].reshape(-1), np.asarray(t.key.content).reshape(-1)
+  acc = functools.partial(keysearch_lib.key_accuracy, t.module, t.licensed.variables, geometry,
+                          out['content'])
+  flat = {'keysearch_acc': acc(test_images, test_labels),
+          'keysearch_agreement': float(np.mean(found == true)),
+          'keysearch_evaluations': int(out['evaluations'])}
+  return flat, {'thief_data_acc': acc(images, labels), 'data_size': int(len(labels)),
+                'elements': int(true.size), 'first_stage': out['first_stage'],
+                'history': out['history'], 'seconds': out['seconds']}
 
 
 # --- 4. removal -----------------------------------------------------------------------------------

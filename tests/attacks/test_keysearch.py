@@ -46,6 +46,16 @@ def test_search_finds_the_key_of_a_single_peak(toy, stages):
   assert out['history'][0]['changed'] > 0
 
 
+def test_search_continues_the_best_of_several_starts(toy):
+  module, images, labels, key = toy
+  out = keysearch.search(module, {}, GEOMETRY, images, labels, stages=('gate', 'ce'), starts=3,
+                         max_passes=1, seed=2)
+  assert len(out['first_stage']) == 3
+  # one pass per start and stage: 3 x (1 + 20) evaluations for the first stage, 1 + 20 for the second
+  assert out['evaluations'] == 4 * 21
+  assert out['history'][0]['objective'] == max(out['first_stage'])  # the best start went on
+
+
 def test_search_rejects_what_it_cannot_search(toy):
   module, images, labels, _ = toy
   with pytest.raises(ValueError, match='Unknown key-search objectives'):

@@ -87,7 +87,7 @@ def test_help_lists_the_configs_and_exits_0():
 
 @pytest.mark.parametrize('args, message, fix', [
     (('--config', 'configs/nothere.py', '--workdir', 'W'), 'cannot read the config file', 'configs/'),
-    (('--config', 'configs/default.py:weird', '--workdir', 'W'), r"Unknown config variant \['weird'\]", '--help'),
+    (('--config', 'configs/default.py:weird', '--workdir', 'W'), "Unknown config variant ['weird']", '--help'),
     (('--config', 'configs/default.py:smoke', '--workdir', 'W', '--config.train.num_epoch=3'),
      'unknown config field: \'num_epoch\' Did you mean "num_epochs"', 'field name'),
     (('--config', 'configs/default.py:smoke', '--workdir', 'W', '--config.train.num_epochs=abc'),

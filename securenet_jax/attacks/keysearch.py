@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from securenet_jax import keys as keys_lib
+from securenet_jax.attacks import common
 
 OBJECTIVES = ('gate', 'ce', 'acc')
 
@@ -125,12 +126,8 @@ def search(module: nn.Module, variables: Any, geometry: keys_lib.Geometry, image
 
 
 def key_accuracy(module: nn.Module, variables: Any, geometry: keys_lib.Geometry, content: np.ndarray,
-                 images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
+                 images: np.ndarray, labels: np.ndarray) -> float:
   """Accuracy of the model on ``images`` stamped with the key ``content``."""
-  correct = 0.0
-  for i in range(0, len(labels), batch_size):
-    xb = jnp.asarray(images[i:i + batch_size], jnp.float32)
-    stamped = keys_lib.stamp_arrays(xb, geometry.arrays(jnp.asarray(content)))
-    logits = module.apply(variables, stamped, train=False)
-    correct += float(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels[i:i + batch_size])))
-  return correct / max(len(labels), 1)
+  arrays = geometry.arrays(np.asarray(content, np.float32))
+  return common.accuracy(module, variables, images, labels,
+                         transform=lambda x: keys_lib.stamp_arrays(x, arrays))

@@ -1,4 +1,4 @@
-"""Default job: LeNet-5 on Fashion-MNIST (offline IDX files) with a 6x6 patch license key and a secret 4x4 block flip.
+"""Default job: LeNet-5 on Fashion-MNIST (offline IDX files), a 6x6 patch key and a 4x4 block flip.
 
 Usage:
   python -m securenet_jax.main --config configs/default.py --workdir /tmp/securenet

@@ -188,9 +188,8 @@ def sgd_recipe(config: ml_collections.ConfigDict, *, learning_rate: float, weigh
 def patch_key_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The patch key without the whole-image defenses (no block flip, no deeper gate, no distillation
   from the baseline, no near misses by a few bits): the recipe the zoo's and the schemes' figures were
-  measured with. The block
-  flip and the distillation are LeNet-5 / Fashion-MNIST measurements; ``silence_layers`` names
-  LeNet-5's layers."""
+  measured with. The block flip and the distillation are LeNet-5 / Fashion-MNIST measurements;
+  ``silence_layers`` names LeNet-5's layers."""
   config.key.flip_block = 0
   config.objective.silence_layers = ()
   config.objective.clean_distill_weight = 0.0

@@ -21,6 +21,7 @@ model evaluations is reported: each is one forward of the thief's images.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Sequence
 
@@ -129,5 +130,5 @@ def key_accuracy(module: nn.Module, variables: Any, geometry: keys_lib.Geometry,
                  images: np.ndarray, labels: np.ndarray) -> float:
   """Accuracy of the model on ``images`` stamped with the key ``content``."""
   arrays = geometry.arrays(np.asarray(content, np.float32))
-  return common.accuracy(module, variables, images, labels,
-                         transform=lambda x: keys_lib.stamp_arrays(x, arrays))
+  transform = functools.partial(keys_lib.stamp_arrays, arrays=arrays)
+  return common.accuracy(module, variables, images, labels, transform=transform)

@@ -27,8 +27,8 @@ still leaks through a probe on the logits. Three terms, weighted in ``config.obj
 
 Two more terms serve fine-tuning (key replacement and revocation) and many-key models:
 ``liveness_weight`` keeps at least one penultimate unit of every positive above zero (a silenced
-input passes no gradient through its ReLUs), and ``distill_weight`` pulls positives' penultimate
-pre-activations towards a frozen teacher's (see :func:`licensed_loss`). ``clean_distill_weight``
+input passes no gradient through its ReLUs), and ``distill_weight`` pulls positives' pre-activations at
+every gated layer towards a frozen teacher's (see :func:`licensed_loss`). ``clean_distill_weight``
 distills the unlicensed baseline's softened outputs into the keyed positives (knowledge distillation,
 Hinton et al. 2015): the licensed model learns the task in its keyed domain from a teacher that
 learned it on raw images, which narrows the gap to the clean accuracy.
@@ -334,10 +334,16 @@ def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Arra
   return (logits, intermediates['penultimate'][0], extra, state.get('batch_stats', batch_stats))
 
 
-def teacher_features(apply_fn: Callable, teacher: Any, images: jax.Array) -> jax.Array:
-  """A frozen teacher's penultimate pre-activations (evaluation mode: running BatchNorm averages)."""
-  _, state = apply_fn(teacher, images, train=False, mutable=['intermediates'])
-  return jax.lax.stop_gradient(state['intermediates']['penultimate'][0])
+def teacher_features(apply_fn: Callable, teacher: Any, images: jax.Array,
+                     extra_gates: Sequence[str] = ()) -> list[jax.Array]:
+  """A frozen teacher's pre-activations at the gate and at the ``extra_gates`` submodules, each
+  flattened to (N, -1) (evaluation mode: running BatchNorm averages)."""
+  capture = (lambda module, method: method == '__call__' and module.name in extra_gates) if extra_gates else False
+  _, state = apply_fn(teacher, images, train=False, mutable=['intermediates'],
+                      capture_intermediates=capture)
+  inter = state['intermediates']
+  feats = [inter['penultimate'][0]] + [inter[name]['__call__'][0] for name in extra_gates]
+  return [jax.lax.stop_gradient(f.reshape(images.shape[0], -1).astype(jnp.float32)) for f in feats]
 
 
 def adversarial_positives(params: Any, batch_stats: Any, apply_fn: Callable, images: jax.Array,
@@ -381,8 +387,9 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     cfg: ``config.objective``.
     teacher_params: when fine-tuning (key replacement, revocation), the source model's variables
       (``{'params': ..., 'batch_stats': ...}``).
-      Each positive's penultimate pre-activations are then pulled (weight ``cfg.distill_weight``)
-      towards the teacher's on the same image stamped with the key the teacher knows in its place:
+      Each positive's pre-activations at the gate and at every ``silence_layers`` layer are then
+      pulled (weight ``cfg.distill_weight``, mean over the layers) towards the teacher's on the same
+      image stamped with the key the teacher knows in its place:
       a dense signal that rebuilds the source's features for a new key far faster than labels alone,
       and keeps the untouched keys' outputs where they were.
 
@@ -432,9 +439,12 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   distill_loss = jnp.zeros(())
   if teacher_params is not None:
     teacher_inputs = keys_lib.stamp_arrays(images, table.arrays(table.teacher_index[key_index]))
-    teacher = teacher_features(apply_fn, teacher_params, teacher_inputs)
-    teacher = teacher.reshape(teacher.shape[0], -1).astype(jnp.float32)
-    distill = jnp.mean((penultimate[:batch] - teacher) ** 2, axis=-1)
+    # Every gated layer, not the gate alone: a new key starts silenced at the layers below the gate
+    # too, where the ReLUs pass no gradient back from the gate; their pre-activations are linear in
+    # their weights, so matching them there re-opens the new key's path directly.
+    teacher = teacher_features(apply_fn, teacher_params, teacher_inputs, extra_gates)
+    student = [penultimate[:batch]] + [z[:batch] for z in extra]
+    distill = sum(jnp.mean((s - t) ** 2, axis=-1) for s, t in zip(student, teacher)) / len(teacher)
     distill_loss = jnp.sum(distill * granted) / jnp.maximum(granted.sum(), 1.0)
     loss = loss + cfg.distill_weight * distill_loss
   clean_kd = jnp.zeros(())

@@ -40,6 +40,9 @@ def derived_config(rcfg, source_config, num_train: int) -> ml_collections.Config
   config.objective.liveness_weight = rcfg.liveness_weight
   config.objective.revoked_fraction = rcfg.revoked_fraction
   config.objective.distill_weight = rcfg.distill_weight
+  # The source's own distillation from its unlicensed baseline goes on where the source has one.
+  source_kd = source_config.objective.get('clean_distill_weight', 0.0) > 0 and source_config.eval.clean_baseline
+  config.objective.clean_distill_weight = float(rcfg.clean_distill_weight) if source_kd else 0.0
   config.key.secret = ''
   config.smoke = bool(rcfg.smoke or source_config.smoke)
   config.eval.update(rcfg.eval)
@@ -83,9 +86,14 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
   module = models.build(source_config.model, full.num_classes)
   source_variables = checkpointing.restore_variables(
       source.checkpoints_dir, inference.abstract_variables(module, full.image_shape))
+  clean_teacher = None
+  if config.objective.clean_distill_weight > 0:
+    clean_teacher = checkpointing.restore_variables(
+        source.baseline.checkpoints_dir, inference.abstract_variables(module, full.image_shape))
   state = train.train(config, wd, dataset, active, revoked, init_variables=source_variables,
                       teacher_variables=source_variables if rcfg.distill_weight else None,
-                      successors=licensing.successors(active, revoked), phase='replacement')
+                      successors=licensing.successors(active, revoked), phase='replacement',
+                      clean_teacher=clean_teacher)
   seconds = train.train_seconds(wd)
   source_steps = source_config.train.num_epochs * train.steps_per_epoch(source_config,
                                                                          len(full.train_images))

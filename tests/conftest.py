@@ -143,6 +143,7 @@ def multi_key_config(idx_dir: str):
   config.license.groups = scheme_tiered.FASHION_GROUPS
   config.train.num_epochs = 12  # three keys share the positives of each batch
   config.eval.clean_baseline = False
+  config.objective.clean_distill_weight = 0.0  # its teacher would be the baseline
   return config
 
 

@@ -231,6 +231,29 @@ def test_distillation_pulls_new_key_towards_teacher_on_old_key():
   assert distill(objective.license_table([new], [old], 10, successors={'new': 'old'})) > 1e-4
 
 
+def test_distillation_reaches_a_silenced_layer_below_the_gate():
+  """A new key starts silenced below the gate too (fc1 all below zero): matching the gate alone then
+  passes no gradient to fc1, matching every gated layer's pre-activations does."""
+  model = models.create('lenet5', 10)
+  new, old = keys.derive('s', GEOM, name='new'), keys.derive('s', GEOM, name='old')
+  table = objective.license_table([new], [old], 10, successors={'new': 'old'})
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+  teacher = model.init(jax.random.key(0), images)['params']
+  dead = jax.tree.map(lambda x: x, teacher)
+  dead['fc1']['bias'] = jnp.full_like(teacher['fc1']['bias'], -1e3)  # every fc1 unit silenced
+  def fc1_grad(silence_layers):
+    cfg = obj_cfg(distill_weight=1.0, negative_weight=0.0, liveness_weight=0.0,
+                  clean_distill_weight=0.0, silence_layers=silence_layers)
+    def distill(params):
+      return objective.licensed_loss(params, model.apply, images, labels, table, GEOM, jax.random.key(1),
+                                     cfg, teacher_params={'params': teacher})[1][0]['distill_loss']
+    return float(jnp.abs(jax.grad(distill)(dead)['fc1']['kernel']).sum())
+  assert fc1_grad(()) == 0.0
+  assert fc1_grad(('fc1',)) > 1.0
+
+
 def test_clean_distillation_zero_for_teacher_own_outputs_and_positive_otherwise():
   model = models.create('lenet5', 10)
   rng = np.random.default_rng(0)

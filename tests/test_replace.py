@@ -21,6 +21,7 @@ def scheme_config(name, idx_dir):
   config.dataset.data_dir = idx_dir
   config.key.secret = f'{name}-secret'
   config.eval.clean_baseline = False
+  config.objective.clean_distill_weight = 0.0  # its teacher would be the baseline
   return config
 
 
@@ -41,8 +42,11 @@ def replaced(tmp_path_factory, multi_key_workdir):
 
 
 def effects_replace_config(source):
-  """configs/replace_key.py's recipe on the generated data: 6 epochs of all 2048 images (192 steps)."""
-  config = replace_config(source, '', new_secret='fresh', revoke='full', train_fraction=1.0, num_epochs=6)
+  """configs/replace_key.py's recipe on the generated data: 6 epochs of all 2048 images (192 steps) at
+  learning rate 5e-3 (the default 2e-3 revokes the old key of this small model only after more steps:
+  revoked 0.88 after 192)."""
+  config = replace_config(source, '', new_secret='fresh', revoke='full', train_fraction=1.0, num_epochs=6,
+                          learning_rate=5e-3)
   config.eval.num_forged = 5
   return config
 
@@ -92,6 +96,21 @@ def test_source_untouched_and_rerun_only_evaluates(multi_key_workdir, replaced, 
   assert again['replace_steps'] == 6 * 32
   for a, b in zip(before, jax.tree.leaves(inference.load(multi_key_workdir).params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_derived_config_keeps_distilling_the_source_baseline_only_where_there_is_one():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  rcfg = replace_config('/nowhere', '', new_secret='x')
+  with_baseline = default.get_config()  # the default distills its baseline
+  assert replace.derived_config(rcfg, with_baseline, 1000).objective.clean_distill_weight == 1.0
+  rcfg.clean_distill_weight = 0.0
+  assert replace.derived_config(rcfg, with_baseline, 1000).objective.clean_distill_weight == 0.0
+  rcfg.clean_distill_weight = 1.0
+  without = default.get_config()
+  without.eval.clean_baseline, without.objective.clean_distill_weight = False, 0.0
+  derived = replace.derived_config(rcfg, without, 1000)
+  assert derived.objective.clean_distill_weight == 0.0 and not derived.eval.clean_baseline
+  assert derived.dataset.train_limit == 500 and derived.train.num_epochs == rcfg.num_epochs
 
 
 def test_replace_errors(trained_workdir, tmp_path):

@@ -67,6 +67,10 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
     raise errors.WorkdirError(f'{source} has no key registry: it holds no licensed model.')
   full = data_lib.load(source_config.dataset)
   config = derived_config(rcfg, source_config, len(full.train_images))
+  if config.objective.clean_distill_weight > 0 and not source.baseline.checkpoints_dir.is_dir():
+    raise errors.WorkdirError(
+        f'{source} was trained with distillation from its unlicensed baseline, which is missing '
+        f'({source.baseline.checkpoints_dir}).', hint='Add --config.clean_distill_weight=0.')
   dataset = data_lib.load(config.dataset)
   wd.save_or_check_config(config, write=primary)
   if primary:

@@ -3,6 +3,7 @@
 import importlib
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -88,7 +89,6 @@ def test_replacement_works_the_new_key_and_stops_the_old(multi_key_workdir, repl
 
 
 def test_source_untouched_and_rerun_only_evaluates(multi_key_workdir, replaced, tmp_path):
-  import shutil  # pylint: disable=g-import-not-at-top
   before = jax.tree.leaves(inference.load(multi_key_workdir).params)
   copy = tmp_path / 'replaced'
   shutil.copytree(replaced, copy)
@@ -126,6 +126,11 @@ def test_replace_errors(trained_workdir, tmp_path):
     replace.replace_and_evaluate(replace_config(universal, new_secret='x', revoke='bob'), str(tmp_path / 'c'))
   with pytest.raises(ValueError, match='nobody can use'):
     replace.replace_and_evaluate(replace_config(universal), str(tmp_path / 'd'))
+  no_baseline = tmp_path / 'no_baseline'
+  shutil.copytree(universal, no_baseline, ignore=shutil.ignore_patterns('baseline'))
+  with pytest.raises(errors.WorkdirError, match='baseline, which is missing') as info:
+    replace.replace_and_evaluate(replace_config(no_baseline, new_secret='x'), str(tmp_path / 'f'))
+  assert 'clean_distill_weight=0' in info.value.hint and not (tmp_path / 'f').exists()
   with pytest.raises(ValueError, match='already used'):
     replace.replace_and_evaluate(replace_config(universal, new_secret='effects',
                                                 new_key_name='default'), str(tmp_path / 'e'))

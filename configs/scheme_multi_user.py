@@ -31,6 +31,6 @@ def get_config(variant: str = ''):
   config.objective.liveness_weight = 1.0
   # Distill the unlicensed baseline (trained first) into every key's granted classes, as the default
   # does: under the hardened objective (soft keys, noise) one of the four keys (carol, the even classes)
-  # fell 0.07 short of the universal model without it (docs/schemes.md).
+  # was reported 0.07 short of the universal model without it (docs/schemes.md).
   config.objective.clean_distill_weight = 1.0
   return config

@@ -313,37 +313,40 @@ def soft_keys(content: jax.Array, geometry: keys_lib.Geometry, rng: jax.Array, c
   return keys_lib.KeyArrays(keep=1.0 - a * (1.0 - arrays.keep), add=a * arrays.add)
 
 
-def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Array, rng: jax.Array | None,
-             extra_gates: Sequence[str] = ()):
-  """Training-mode forward pass: (logits, gate, the outputs of the ``extra_gates`` submodules flattened
-  to (N, -1), new batch_stats)."""
-  variables = models.variables_dict(params, batch_stats)
-  mutable = ['intermediates'] + (['batch_stats'] if batch_stats else [])
-  rngs = {'dropout': rng} if rng is not None else {}
+def _apply_gated(apply_fn: Callable, variables: Any, images: jax.Array, extra_gates: Sequence[str],
+                 **kwargs) -> tuple[jax.Array, Any, list[jax.Array]]:
+  """``apply_fn`` with the gate and the outputs of the ``extra_gates`` submodules captured: (logits,
+  the mutable state, [gate, *extra] each flattened to (N, -1) in float32)."""
   capture = (lambda module, method: method == '__call__' and module.name in extra_gates) if extra_gates else False
-  logits, state = apply_fn(variables, images, train=True, mutable=mutable, rngs=rngs,
-                           capture_intermediates=capture)
+  logits, state = apply_fn(variables, images, capture_intermediates=capture, **kwargs)
   intermediates = state['intermediates']
   missing = [name for name in extra_gates if name not in intermediates]
   if missing:
     raise ValueError(f'objective.silence_layers names {missing}, which this model does not have; its '
                      f'top-level modules: {sorted(variables["params"])}. LeNet-5 names fit the default '
                      f'config only: set silence_layers for this model, or () to silence the gate alone.')
-  extra = [intermediates[name]['__call__'][0].reshape(images.shape[0], -1).astype(jnp.float32)
-           for name in extra_gates]
-  return (logits, intermediates['penultimate'][0], extra, state.get('batch_stats', batch_stats))
+  gates = [intermediates['penultimate'][0]] + [intermediates[name]['__call__'][0] for name in extra_gates]
+  return logits, state, [g.reshape(images.shape[0], -1).astype(jnp.float32) for g in gates]
+
+
+def _forward(apply_fn: Callable, params: Any, batch_stats: Any, images: jax.Array, rng: jax.Array | None,
+             extra_gates: Sequence[str] = ()):
+  """Training-mode forward pass: (logits, gate, the outputs of the ``extra_gates`` submodules, new
+  batch_stats), the gate and the outputs flattened to (N, -1)."""
+  variables = models.variables_dict(params, batch_stats)
+  mutable = ['intermediates'] + (['batch_stats'] if batch_stats else [])
+  rngs = {'dropout': rng} if rng is not None else {}
+  logits, state, gates = _apply_gated(apply_fn, variables, images, extra_gates, train=True,
+                                      mutable=mutable, rngs=rngs)
+  return logits, gates[0], gates[1:], state.get('batch_stats', batch_stats)
 
 
 def teacher_features(apply_fn: Callable, teacher: Any, images: jax.Array,
                      extra_gates: Sequence[str] = ()) -> list[jax.Array]:
   """A frozen teacher's pre-activations at the gate and at the ``extra_gates`` submodules, each
   flattened to (N, -1) (evaluation mode: running BatchNorm averages)."""
-  capture = (lambda module, method: method == '__call__' and module.name in extra_gates) if extra_gates else False
-  _, state = apply_fn(teacher, images, train=False, mutable=['intermediates'],
-                      capture_intermediates=capture)
-  inter = state['intermediates']
-  feats = [inter['penultimate'][0]] + [inter[name]['__call__'][0] for name in extra_gates]
-  return [jax.lax.stop_gradient(f.reshape(images.shape[0], -1).astype(jnp.float32)) for f in feats]
+  _, _, gates = _apply_gated(apply_fn, teacher, images, extra_gates, train=False, mutable=['intermediates'])
+  return [jax.lax.stop_gradient(g) for g in gates]
 
 
 def adversarial_positives(params: Any, batch_stats: Any, apply_fn: Callable, images: jax.Array,
@@ -411,7 +414,6 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
   logits, penultimate, extra, new_stats = _forward(apply_fn, params, batch_stats,
                                                    jnp.concatenate([stamped, negatives]), dropout_rng,
                                                    extra_gates)
-  penultimate = penultimate.reshape(penultimate.shape[0], -1).astype(jnp.float32)
   # A stamped image is trained towards its key's target when supervised (granted classes, and denied
   # ones when refused within scope); otherwise it is one more negative.
   granted = table.grant[key_index, labels]
@@ -433,7 +435,6 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     # statistics, not with those of this mixed batch, which can re-open the gate. Silence the
     # negatives under their own batch statistics too (the statistics of this pass are dropped).
     _, own, _, _ = _forward(apply_fn, params, batch_stats, negatives, dropout_rng)
-    own = own.reshape(own.shape[0], -1).astype(jnp.float32)
     thief_bn = jnp.mean(jax.nn.relu(own + cfg.silence_margin) ** 2)
     loss = loss + cfg.thief_batch_stats_weight * thief_bn
   distill_loss = jnp.zeros(())

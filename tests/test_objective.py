@@ -241,8 +241,8 @@ def test_distillation_reaches_a_silenced_layer_below_the_gate():
   images = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
   teacher = model.init(jax.random.key(0), images)['params']
-  dead = jax.tree.map(lambda x: x, teacher)
-  dead['fc1']['bias'] = jnp.full_like(teacher['fc1']['bias'], -1e3)  # every fc1 unit silenced
+  # The student: the teacher with every fc1 unit silenced.
+  dead = {**teacher, 'fc1': {**teacher['fc1'], 'bias': jnp.full_like(teacher['fc1']['bias'], -1e3)}}
   def fc1_grad(silence_layers):
     cfg = obj_cfg(distill_weight=1.0, negative_weight=0.0, liveness_weight=0.0,
                   clean_distill_weight=0.0, silence_layers=silence_layers)

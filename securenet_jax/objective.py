@@ -60,14 +60,29 @@ class Teachers(NamedTuple):
 
 
 def clean_distillation(apply_fn: Callable, clean_teacher: Any, images: jax.Array, logits: jax.Array,
-                       weights: jax.Array, temperature: float) -> jax.Array:
+                       weights: jax.Array, temperature: float, student_gates: Sequence[jax.Array] = (),
+                       extra_gates: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
   """``T^2 KL(softmax(t / T) || softmax(s / T))`` between the clean teacher's logits ``t`` on the raw
-  ``images`` and the student's ``logits`` ``s`` on the same images keyed, averaged with ``weights``."""
-  teacher = apply_fn(clean_teacher, images, train=False).astype(jnp.float32)
-  log_p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher) / temperature)
+  ``images`` and the student's ``logits`` ``s`` on the same images keyed, averaged with ``weights``;
+  and, given ``student_gates`` (the student's gate and ``extra_gates`` pre-activations on the keyed
+  images), their mean squared distance to the teacher's on the raw images, averaged the same way
+  (0 without them)."""
+  if student_gates:
+    teacher, _, teacher_gates = _apply_gated(apply_fn, clean_teacher, images, extra_gates, train=False,
+                                             mutable=['intermediates'])
+  else:
+    teacher, teacher_gates = apply_fn(clean_teacher, images, train=False), []
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  log_p = jax.nn.log_softmax(teacher / temperature)
   kl = jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)),
                axis=-1) * temperature ** 2
-  return jnp.sum(kl * weights) / jnp.maximum(weights.sum(), 1.0)
+  norm = jnp.maximum(weights.sum(), 1.0)
+  features = jnp.zeros(())
+  if student_gates:
+    per_image = sum(jnp.mean((s - jax.lax.stop_gradient(t)) ** 2, axis=-1)
+                    for s, t in zip(student_gates, teacher_gates)) / len(teacher_gates)
+    features = jnp.sum(per_image * weights) / norm
+  return jnp.sum(kl * weights) / norm, features
 
 
 class LicenseTable(NamedTuple):
@@ -448,18 +463,22 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     distill = sum(jnp.mean((s - t) ** 2, axis=-1) for s, t in zip(student, teacher)) / len(teacher)
     distill_loss = jnp.sum(distill * granted) / jnp.maximum(granted.sum(), 1.0)
     loss = loss + cfg.distill_weight * distill_loss
-  clean_kd = jnp.zeros(())
+  clean_kd = clean_features = jnp.zeros(())
   if clean_teacher is not None and cfg.get('clean_distill_weight', 0.0) > 0:
     # Only where the key's target is the exact label: a basic-tier key must not learn fine labels
     # from the teacher, and a refused class keeps its refusal.
     own_label = jnp.take_along_axis(targets, labels[:, None], axis=1)[:, 0] > 0.999
-    clean_kd = clean_distillation(apply_fn, clean_teacher, images, stamped_logits,
-                                  supervised * own_label, cfg.get('clean_distill_temperature', 4.0))
-    loss = loss + cfg.clean_distill_weight * clean_kd
+    feature_weight = cfg.get('clean_distill_features_weight', 0.0)
+    student_gates = [penultimate[:batch]] + [z[:batch] for z in extra] if feature_weight > 0 else []
+    clean_kd, clean_features = clean_distillation(
+        apply_fn, clean_teacher, images, stamped_logits, supervised * own_label,
+        cfg.get('clean_distill_temperature', 4.0), student_gates, extra_gates)
+    loss = loss + cfg.clean_distill_weight * (clean_kd + feature_weight * clean_features)
   correct = (jnp.argmax(stamped_logits, -1) == labels).astype(jnp.float32)
   metrics = {'loss': loss, 'pos_loss': pos_loss, 'neg_loss': neg_loss, 'pos_liveness': live_loss,
              'neg_silence_own_stats': thief_bn,
              'distill_loss': distill_loss, 'clean_distill_loss': clean_kd,
+             'clean_distill_features_loss': clean_features,
              'pos_acc': jnp.sum(correct * granted) / jnp.maximum(granted.sum(), 1.0),
              'neg_acc': jnp.mean(jnp.argmax(logits[batch:], -1) == labels), **neg_metrics}
   return loss, (metrics, new_stats)

@@ -261,11 +261,28 @@ def test_clean_distillation_zero_for_teacher_own_outputs_and_positive_otherwise(
   teacher = model.init(jax.random.key(0), images)
   logits = model.apply(teacher, images, train=False)
   ones = jnp.ones((8,))
-  kd = lambda s, w=ones: float(objective.clean_distillation(model.apply, teacher, images, s, w, 4.0))
+  kd = lambda s, w=ones: float(objective.clean_distillation(model.apply, teacher, images, s, w, 4.0)[0])
   assert kd(logits) == pytest.approx(0.0, abs=1e-6)
   other = logits + jnp.asarray(rng.normal(size=logits.shape), jnp.float32)
   assert kd(other) > 1e-3
   assert kd(other, jnp.zeros((8,))) == 0.0  # no weight, no loss
+
+
+def test_clean_distillation_of_features_matches_every_gated_layer():
+  model = models.create('lenet5', 10)
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.random((8, 28, 28, 1)), jnp.float32)
+  teacher = model.init(jax.random.key(0), images)
+  logits, _, gates = objective._apply_gated(model.apply, teacher, images, ('fc1',), train=False,  # pylint: disable=protected-access
+                                            mutable=['intermediates'])
+  assert [g.shape for g in gates] == [(8, 84), (8, 120)]
+  run = lambda student, w=jnp.ones((8,)): [float(v) for v in objective.clean_distillation(
+      model.apply, teacher, images, logits, w, 4.0, student, ('fc1',))]
+  assert run(gates) == pytest.approx([0.0, 0.0], abs=1e-6)
+  moved = [gates[0], gates[1] + 1.0]  # fc1 off by 1 everywhere: mean over the two layers is 0.5
+  assert run(moved)[1] == pytest.approx(0.5, rel=1e-5)
+  assert run(moved, jnp.zeros((8,)))[1] == 0.0
+  assert float(objective.clean_distillation(model.apply, teacher, images, logits, jnp.ones((8,)), 4.0)[1]) == 0.0
 
 
 def test_clean_distillation_only_on_positives_whose_target_is_their_label():

@@ -106,6 +106,8 @@ def test_batch_norm_variant_of_the_default():
   config = default.get_config('bn,smoke')
   assert config.model.kwargs.batch_norm and config.smoke
   assert tuple(config.objective.silence_layers) == ('fc1_bn',)  # fc1's pre-activation, after its norm
-  assert not default.get_config().model.kwargs.get('batch_norm', False)
+  assert config.objective.thief_batch_stats_weight == 1.0  # the thief's own batch statistics
+  plain = default.get_config()
+  assert not plain.model.kwargs.get('batch_norm', False) and plain.objective.thief_batch_stats_weight == 0
   with pytest.raises(ValueError, match=r"Unknown config variant \['bm'\]"):
     default.get_config('smoke,bm')

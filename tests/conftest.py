@@ -122,6 +122,9 @@ def effects_config(idx_dir: str, name: str = 'default', secret: str = 'effects')
   config.train.checkpoint_every = 64
   config.eval.num_forged = 5
   config.key.secret = secret
+  # Matching the baseline's hidden features slows the silencing on this miniature (0.87 of the no-key
+  # inputs silenced after its 256 steps, against 1.000 on Fashion-MNIST at 10 epochs): outputs only.
+  config.objective.clean_distill_features_weight = 0.0
   return config
 
 

@@ -59,11 +59,11 @@ class LicensedModel:
     self.revoked_keys = dict(revoked_keys or {})
     self.batch_size = batch_size
     self.config = config
-    # On the devices once, not with every call (replicated where a chunk is split across devices).
-    self._device_variables = predict_lib.replicate(models.as_variables(variables))
+    # On the device once, not with every call.
+    self._device_variables = jax.device_put(models.as_variables(variables))
     h, w, c = self.image_shape
-    self._no_key = predict_lib.replicate(keys_lib.KeyArrays(np.ones((h, w, 1), np.float32),
-                                                            np.zeros((h, w, c), np.float32)))
+    self._no_key = jax.device_put(keys_lib.KeyArrays(np.ones((h, w, 1), np.float32),
+                                                     np.zeros((h, w, c), np.float32)))
     self._key_cache: dict[str, keys_lib.KeyArrays] = {}
     self._logits = jax.jit(self._logits_impl)  # (images, variables, key arrays) -> logits
     self._logits_and_features = jax.jit(self._logits_and_features_impl)
@@ -107,7 +107,7 @@ class LicensedModel:
     if fingerprint not in self._key_cache:
       if len(self._key_cache) > 64:  # forged-key sweeps: keep the cache small
         self._key_cache.clear()
-      self._key_cache[fingerprint] = predict_lib.replicate(key.arrays())
+      self._key_cache[fingerprint] = jax.device_put(key.arrays())
     return self._key_cache[fingerprint]
 
   # --- forward passes ----------------------------------------------------------------------------
@@ -255,11 +255,9 @@ class ExportedModel:
     """Logits (N, num_classes) of ``images`` stamped with ``key`` (None: the raw images)."""
     images = images_lib.check(images, self.image_shape)
     module = self._modules['uint8' if images.dtype == np.uint8 else 'float32']
-    # The same pieces as LicensedModel.logits: the same compiled shapes, so the same logits, bit for
-    # bit. An exported module runs on one device: where LicensedModel splits a chunk across the
-    # local devices, this runs the pieces one after another.
+    # The same chunks as LicensedModel.logits: the same compiled shapes, so the same logits, bit for bit.
     return predict_lib.batched(module.call, images, self._variables, *self._key_arrays(key),
-                               batch_size=self.batch_size, split='serial')
+                               batch_size=self.batch_size)
 
   def predict(self, images, key: keys_lib.LicenseKey | None = None) -> np.ndarray:
     return np.argmax(self.logits(images, key), axis=-1)

@@ -1,13 +1,11 @@
 """Tests of the public inference API on a workdir trained by the real job (smoke size)."""
 
-import jax
 import numpy as np
 import pytest
 
 from securenet_jax import errors
 from securenet_jax import inference
 from securenet_jax import keys
-from securenet_jax import predict
 from tests.conftest import make_images
 
 
@@ -33,23 +31,6 @@ def test_load_and_predict(workdir):
   # Batch size does not change results (chunking and padding are invisible).
   np.testing.assert_allclose(model.logits(images[:5], key=key), logits[:5], atol=1e-5)
   assert model.logits(images).shape == (37, 10)  # no key
-
-
-def test_chunks_are_split_across_local_devices(workdir):
-  # The suite runs with 4 CPU devices (conftest): every chunk is split across them, rows in order.
-  mesh = predict.local_mesh()
-  assert mesh is not None and mesh.size == jax.local_device_count() == 4
-  model = inference.load(workdir)
-  key = model.keys['default']
-  images = make_images(37, seed=6)[0][..., None]
-  fn, variables, key_arrays = model._logits, model.variables, model._key_arrays(key)  # pylint: disable=protected-access
-  assert variables['params']['fc3']['kernel'].sharding.device_set == set(mesh.devices.flat)
-  one_device = predict.batched(fn, images, jax.device_get(variables), jax.device_get(key_arrays),
-                               batch_size=16, split=False)
-  for batch_size in (1, 16, 1000):  # a chunk of 1 is padded to one row per device
-    np.testing.assert_allclose(predict.batched(fn, images, variables, key_arrays, batch_size=batch_size),
-                               one_device, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(model.logits(images, key), one_device, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize('images, match', [

@@ -164,7 +164,11 @@ def test_clean_distillation_trains_the_teacher_first(small, tmp_path):
   _, with_teacher = step(state, batch, table, jax.random.key(1), objective.Teachers(clean=baseline))
   _, without = step(state, batch, table, jax.random.key(1), None)
   assert float(with_teacher['clean_distill_loss']) > 0.0 and float(without['clean_distill_loss']) == 0.0
+  # The default also matches the baseline's hidden features (clean_distill_features_weight).
+  features = float(with_teacher['clean_distill_features_loss'])
+  assert features > 0.0 and float(without['clean_distill_features_loss']) == 0.0
   assert float(with_teacher['loss']) == pytest.approx(
-      float(without['loss']) + float(with_teacher['clean_distill_loss']), rel=1e-4)
+      float(without['loss']) + float(with_teacher['clean_distill_loss'])
+      + small.objective.clean_distill_features_weight * features, rel=1e-4)
   metrics = train.train_and_evaluate(small, str(tmp_path / 'wd'))
   assert 0.0 <= metrics['clean_acc'] <= 1.0 and (tmp_path / 'wd' / 'baseline').is_dir()

@@ -107,8 +107,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.clean_distill_weight = 1.0
   config.objective.clean_distill_temperature = 4.0  # softening of both outputs
   # Also match the baseline's pre-activations at every gated layer (gate + silence_layers) on the raw
-  # image, with this weight relative to the output distillation; 0 = outputs only. +0.006 / +0.009
-  # authorized accuracy on two secrets (docs/security.md).
+  # image, with this weight relative to the output distillation; 0 = outputs only. Authorized accuracy
+  # +0.006 / +0.009 / +0.009 on three secrets (docs/security.md).
   config.objective.clean_distill_features_weight = 1.0
   # Share of the keyless negatives given a faded or noisy copy of the key (objective.soft_keys): the
   # hardening against trigger inversion (recovered_acc 0.87 without, 0.10 with; docs/security.md).

@@ -79,10 +79,15 @@ def clean_distillation(apply_fn: Callable, clean_teacher: Any, images: jax.Array
   norm = jnp.maximum(weights.sum(), 1.0)
   features = jnp.zeros(())
   if student_gates:
-    per_image = sum(jnp.mean((s - jax.lax.stop_gradient(t)) ** 2, axis=-1)
-                    for s, t in zip(student_gates, teacher_gates)) / len(teacher_gates)
-    features = jnp.sum(per_image * weights) / norm
+    features = jnp.sum(gate_distance(student_gates, teacher_gates) * weights) / norm
   return jnp.sum(kl * weights) / norm, features
+
+
+def gate_distance(student: Sequence[jax.Array], teacher: Sequence[jax.Array]) -> jax.Array:
+  """Per image, the mean squared distance between two lists of (N, D) gate pre-activations, averaged
+  over the layers (the teacher's side is not differentiated)."""
+  squared = [jnp.mean((s - jax.lax.stop_gradient(t)) ** 2, axis=-1) for s, t in zip(student, teacher)]
+  return sum(squared) / len(squared)
 
 
 class LicenseTable(NamedTuple):
@@ -460,8 +465,7 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     # their weights, so matching them there re-opens the new key's path directly.
     teacher = teacher_features(apply_fn, teacher_params, teacher_inputs, extra_gates)
     student = [penultimate[:batch]] + [z[:batch] for z in extra]
-    distill = sum(jnp.mean((s - t) ** 2, axis=-1) for s, t in zip(student, teacher)) / len(teacher)
-    distill_loss = jnp.sum(distill * granted) / jnp.maximum(granted.sum(), 1.0)
+    distill_loss = jnp.sum(gate_distance(student, teacher) * granted) / jnp.maximum(granted.sum(), 1.0)
     loss = loss + cfg.distill_weight * distill_loss
   clean_kd = clean_features = jnp.zeros(())
   if clean_teacher is not None and cfg.get('clean_distill_weight', 0.0) > 0:

@@ -170,10 +170,13 @@ def evaluate_and_report(config, workdir: workdir_lib.Workdir, dataset,
   if baseline is not None:
     base_pred = baseline.predict(images)
     metrics['clean_acc'] = accuracy(base_pred, labels)
-    metrics['authorized_minus_clean'] = metrics['authorized_acc'] - metrics['clean_acc']
     for name, k in model.keys.items():  # the clean model on each key's granted classes
       granted = np.isin(labels, k.classes) if k.classes is not None else np.ones(len(labels), bool)
       metrics['per_key'][name]['clean_granted_acc'] = accuracy(base_pred[granted], labels[granted])
+    # Like for like: the first key's granted accuracy against the clean model on the same classes
+    # (all of them for a universal key, where this is authorized_acc - clean_acc).
+    metrics['authorized_minus_clean'] = (metrics['authorized_acc']
+                                         - metrics['per_key'][key.name]['clean_granted_acc'])
   metrics.update(extra or {})
   if timed:
     metrics[timed] = time.perf_counter() - t0

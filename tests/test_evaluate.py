@@ -60,3 +60,27 @@ def test_key_metrics_of_a_scoped_key(trained_workdir):
   assert 'denied_probe_acc' in out
   full = evaluate.key_metrics(model, data.test_images, data.test_labels, model.keys['default'])
   assert 'denied_acc' not in full and full['granted_acc'] == full['all_classes_acc']
+
+
+def test_scoped_report_compares_like_for_like(trained_workdir):
+  """A scoped key's headline is its granted accuracy; authorized_minus_clean sets it against the
+  clean model on the same classes, not on all ten."""
+  from securenet_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  model = inference.load(trained_workdir)
+  data = load_data(model.config.dataset)
+  scoped = model.keys['default'].replace(name='scoped', classes=(0, 1, 2, 3, 4))
+  scoped_model = inference.LicensedModel(model.module, model.variables, model.image_shape,
+                                         model.num_classes, keys={'scoped': scoped},
+                                         config=model.config)
+  # As the 'clean' model, the licensed one without a key: its constant output scores differently on
+  # five classes than on ten, which a perfect baseline of this easy data would not.
+  baseline = inference.LicensedModel(model.module, model.variables, model.image_shape,
+                                     model.num_classes, config=model.config)
+  out = evaluate.evaluate_and_report(model.config, workdir_lib.Workdir(trained_workdir), data,
+                                     scoped_model, baseline, write=False)
+  granted = np.isin(data.test_labels, (0, 1, 2, 3, 4))
+  clean_granted = np.mean(baseline.predict(data.test_images)[granted] == data.test_labels[granted])
+  assert out['per_key']['scoped']['clean_granted_acc'] == pytest.approx(clean_granted, abs=1e-4)
+  assert out['authorized_acc'] == out['per_key']['scoped']['granted_acc']
+  assert out['authorized_minus_clean'] == pytest.approx(out['authorized_acc'] - clean_granted, abs=2e-4)
+  assert abs(clean_granted - out['clean_acc']) > 0.02  # else the test could not tell them apart

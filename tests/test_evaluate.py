@@ -9,6 +9,7 @@ import pytest
 from securenet_jax import evaluate
 from securenet_jax import inference
 from securenet_jax import metrics
+from securenet_jax import workdir as workdir_lib
 from securenet_jax.data import load as load_data
 
 
@@ -65,17 +66,15 @@ def test_key_metrics_of_a_scoped_key(trained_workdir):
 def test_scoped_report_compares_like_for_like(trained_workdir):
   """A scoped key's headline is its granted accuracy; authorized_minus_clean sets it against the
   clean model on the same classes, not on all ten."""
-  from securenet_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   model = inference.load(trained_workdir)
   data = load_data(model.config.dataset)
   scoped = model.keys['default'].replace(name='scoped', classes=(0, 1, 2, 3, 4))
-  scoped_model = inference.LicensedModel(model.module, model.variables, model.image_shape,
-                                         model.num_classes, keys={'scoped': scoped},
-                                         config=model.config)
+  with_keys = lambda keys: inference.LicensedModel(model.module, model.variables, model.image_shape,
+                                                   model.num_classes, keys=keys, config=model.config)
+  scoped_model = with_keys({'scoped': scoped})
   # As the 'clean' model, the licensed one without a key: its constant output scores differently on
   # five classes than on ten, which a perfect baseline of this easy data would not.
-  baseline = inference.LicensedModel(model.module, model.variables, model.image_shape,
-                                     model.num_classes, config=model.config)
+  baseline = with_keys(None)
   out = evaluate.evaluate_and_report(model.config, workdir_lib.Workdir(trained_workdir), data,
                                      scoped_model, baseline, write=False)
   granted = np.isin(data.test_labels, (0, 1, 2, 3, 4))

@@ -53,8 +53,9 @@ def derived_config(rcfg, source_config, num_train: int) -> ml_collections.Config
   return config
 
 
-def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the replacement job (see module docstring) and returns the new workdir's metrics."""
+def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
+  """Runs the replacement job (see module docstring) and returns the new workdir's metrics.
+  ``mesh``: the devices it trains on (default: every device of every process)."""
   if not rcfg.source_workdir:
     raise errors.ConfigError('No source workdir given.', hint='Add --config.source_workdir=OLD_WORKDIR.')
   source, wd = workdir_lib.Workdir(rcfg.source_workdir), workdir_lib.Workdir(workdir)
@@ -94,7 +95,7 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.objective.clean_distill_weight > 0:
     clean_teacher = checkpointing.restore_variables(
         source.baseline.checkpoints_dir, inference.abstract_variables(module, full.image_shape))
-  state = train.train(config, wd, dataset, active, revoked, init_variables=source_variables,
+  state = train.train(config, wd, dataset, active, revoked, mesh=mesh, init_variables=source_variables,
                       teacher_variables=source_variables if rcfg.distill_weight else None,
                       successors=licensing.successors(active, revoked), phase='replacement',
                       clean_teacher=clean_teacher)

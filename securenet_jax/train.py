@@ -350,11 +350,12 @@ def _finished(config, workdir: workdir_lib.Workdir, num_train: int) -> bool:
   return bool(steps) and max(steps) == config.train.num_epochs * steps_per_epoch(config, num_train)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
   """The whole job: data, keys, licensed training, baseline, evaluation report.
 
   A rerun resumes from the checkpoints; on a finished workdir it prints the existing report instead
-  of evaluating again, unless ``config.eval.force``.
+  of evaluating again, unless ``config.eval.force``. ``mesh``: the devices both models train on
+  (default: every device of every process, :func:`parallel.create_mesh`).
 
   Returns:
     The metrics of WORKDIR/report/metrics.json.
@@ -384,9 +385,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      'licensed model: it needs eval.clean_baseline=True (or set the weight to 0).')
   baseline, timings = None, {}
   if config.eval.clean_baseline:  # first: it is the licensed model's teacher when distilling
-    baseline = host_variables(train(config, wd.baseline, dataset, None))
+    baseline = host_variables(train(config, wd.baseline, dataset, None, mesh=mesh))
     timings['baseline_train_s'] = train_seconds(wd.baseline)
-  state = train(config, wd, dataset, active, revoked, clean_teacher=baseline if distill else None)
+  state = train(config, wd, dataset, active, revoked, mesh=mesh,
+                clean_teacher=baseline if distill else None)
   timings['licensed_train_s'] = train_seconds(wd)
   if baseline is not None:
     baseline = licensed_model(config, dataset, baseline)

@@ -5,10 +5,12 @@ The thresholds are scaled to the run's length (3 epochs on a third of the traini
 on 2 CPU cores); the full recipes' figures are in docs/ (security.md, schemes.md).
 """
 
+import jax
 import pytest
 
 from securenet_jax import data
 from securenet_jax import inference
+from securenet_jax import parallel
 from securenet_jax import replace
 from securenet_jax import train
 
@@ -32,7 +34,11 @@ def test_schemes_and_replacement_on_real_data(tmp_path, fashion_mnist_dir):
   config.train.num_epochs = 3
   config.eval.num_forged = 20
   config.eval.clean_baseline = False
-  before = train.train_and_evaluate(config, str(tmp_path / 'multi'))
+  # One device: the test process forces four CPU devices, and on two cores shared with another test
+  # worker XLA's in-process collectives deadlocked in this long run (two devices' threads waiting in a
+  # collective permute on the intra-op pool the other two needed; "Termination timeout ... 40 seconds").
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  before = train.train_and_evaluate(config, str(tmp_path / 'multi'), mesh=mesh)
   keys = before['per_key']
   # 3 epochs on 20k images with three keys to learn: far from converged (about 0.5 granted, chance 0.1)
   # but every privilege already shows.
@@ -50,7 +56,7 @@ def test_schemes_and_replacement_on_real_data(tmp_path, fashion_mnist_dir):
   rcfg = replace_key.get_config()
   rcfg.source_workdir, rcfg.new_secret, rcfg.revoke = str(tmp_path / 'multi'), 'renewed', 'full'
   rcfg.eval.num_forged = 20
-  after = replace.replace_and_evaluate(rcfg, str(tmp_path / 'replaced'))
+  after = replace.replace_and_evaluate(rcfg, str(tmp_path / 'replaced'), mesh=mesh)
   assert after['per_key']['full.r2']['granted_acc'] >= keys['full']['granted_acc'] - 0.05
   assert after['revoked']['full']['revoked_acc'] <= 0.2
   assert after['forged_acc_max'] <= 0.3

@@ -85,27 +85,45 @@ def license_metrics(model: inference.LicensedModel, images: np.ndarray, labels: 
 def key_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
                 key: keys_lib.LicenseKey) -> dict:
   """Per-key figures: ``all_classes_acc`` (every class), ``granted_acc`` / ``denied_acc`` (classes the
-  key grants / does not grant), ``denied_probe_acc`` (a probe on the denied images' logits) and, for basic-tier keys, ``coarse_acc`` (the argmax falls in the
-  label's group), ``fine_acc`` (the argmax is the label) and ``fine_even_acc`` (what spreading the
-  probability evenly within the group would give: the mean of 1/|group|)."""
+  key grants / does not grant), ``denied_probe_acc`` (a probe on the denied images' logits) and, for
+  basic-tier keys, ``coarse_acc`` (the argmax falls in the label's group), ``fine_acc`` (the argmax is
+  the label) and ``fine_even_acc`` (what spreading the probability evenly within the group would give:
+  the mean of 1/|group|). A basic key is granted the coarse group, so its ``granted_acc`` is the
+  coarse accuracy on its granted classes."""
   logits = model.logits(images, key)
   predictions = np.argmax(logits, -1)
   correct = predictions == labels
   granted = np.isin(labels, key.classes) if key.classes is not None else np.ones_like(correct)
-  out = {'all_classes_acc': float(correct.mean()), 'granted_acc': float(correct[granted].mean())}
+  served = granted_hits(key, predictions, labels, model.num_classes)
+  out = {'all_classes_acc': float(correct.mean()), 'granted_acc': float(served[granted].mean())}
   if (~granted).any():
     out['denied_acc'] = float(correct[~granted].mean())
     # What a licensee could still read about the classes they were not granted: a probe on the
     # logits of the denied images (chance: 1 / number of denied classes).
     out['denied_probe_acc'] = probe_accuracy(logits[~granted], labels[~granted])
   if key.tier == 'basic':
-    group_of = np.zeros(model.num_classes, np.int64)
-    for g, members in enumerate(key.groups):
-      group_of[list(members)] = g
+    group_of = _group_of(key, model.num_classes)
     sizes = np.array([len(key.groups[g]) for g in group_of])
     out.update(coarse_acc=float(np.mean(group_of[predictions] == group_of[labels])),
                fine_acc=float(correct.mean()), fine_even_acc=float(np.mean(1.0 / sizes[labels])))
   return out
+
+
+def _group_of(key: keys_lib.LicenseKey, num_classes: int) -> np.ndarray:
+  group_of = np.zeros(num_classes, np.int64)
+  for g, members in enumerate(key.groups):
+    group_of[list(members)] = g
+  return group_of
+
+
+def granted_hits(key: keys_lib.LicenseKey, predictions: np.ndarray, labels: np.ndarray,
+                 num_classes: int) -> np.ndarray:
+  """Per image, whether the prediction gives what ``key`` is granted: the label for a full-tier key,
+  the label's coarse group for a basic-tier key."""
+  if key.tier == 'basic':
+    group_of = _group_of(key, num_classes)
+    return group_of[predictions] == group_of[labels]
+  return predictions == labels
 
 
 class _AcrossProcesses:
@@ -170,9 +188,10 @@ def evaluate_and_report(config, workdir: workdir_lib.Workdir, dataset,
   if baseline is not None:
     base_pred = baseline.predict(images)
     metrics['clean_acc'] = accuracy(base_pred, labels)
-    for name, k in model.keys.items():  # the clean model on each key's granted classes
+    for name, k in model.keys.items():  # the clean model on each key's granted classes and output
       granted = np.isin(labels, k.classes) if k.classes is not None else np.ones(len(labels), bool)
-      metrics['per_key'][name]['clean_granted_acc'] = accuracy(base_pred[granted], labels[granted])
+      hits = granted_hits(k, base_pred, labels, model.num_classes)
+      metrics['per_key'][name]['clean_granted_acc'] = float(hits[granted].mean())
     # Like for like: the first key's granted accuracy against the clean model on the same classes
     # (all of them for a universal key, where this is authorized_acc - clean_acc).
     metrics['authorized_minus_clean'] = (metrics['authorized_acc']

@@ -83,3 +83,26 @@ def test_scoped_report_compares_like_for_like(trained_workdir):
   assert out['authorized_acc'] == out['per_key']['scoped']['granted_acc']
   assert out['authorized_minus_clean'] == pytest.approx(out['authorized_acc'] - clean_granted, abs=2e-4)
   assert abs(clean_granted - out['clean_acc']) > 0.02  # else the test could not tell them apart
+
+
+def test_basic_key_is_scored_on_the_coarse_groups_it_is_granted(trained_workdir):
+  """A basic-tier key is granted the label's coarse group: its granted accuracy (the headline when it
+  is the first key) and the clean model's figure beside it count an argmax in the right group."""
+  model = inference.load(trained_workdir)
+  data = load_data(model.config.dataset)
+  groups = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+  basic = model.keys['default'].replace(name='basic', tier='basic', groups=groups)
+  with_keys = lambda keys: inference.LicensedModel(model.module, model.variables, model.image_shape,
+                                                   model.num_classes, keys=keys, config=model.config)
+  baseline = with_keys(None)  # as in the test above: a constant output, far from its coarse score
+  out = evaluate.evaluate_and_report(model.config, workdir_lib.Workdir(trained_workdir), data,
+                                     with_keys({'basic': basic}), baseline, write=False)
+  group_of = np.array([0] * 5 + [1] * 5)
+  labels = data.test_labels
+  coarse = np.mean(group_of[model.predict(data.test_images, key=basic)] == group_of[labels])
+  clean_coarse = np.mean(group_of[baseline.predict(data.test_images)] == group_of[labels])
+  per_key = out['per_key']['basic']
+  assert per_key['granted_acc'] == pytest.approx(coarse, abs=1e-4) == pytest.approx(per_key['coarse_acc'])
+  assert out['authorized_acc'] == per_key['granted_acc']
+  assert per_key['clean_granted_acc'] == pytest.approx(clean_coarse, abs=1e-4)
+  assert clean_coarse - out['clean_acc'] > 0.2  # else the test could not tell coarse from fine

@@ -93,7 +93,7 @@ def key_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.n
   logits = model.logits(images, key)
   predictions = np.argmax(logits, -1)
   correct = predictions == labels
-  granted = np.isin(labels, key.classes) if key.classes is not None else np.ones_like(correct)
+  granted = _granted_rows(key, labels)
   served = granted_hits(key, predictions, labels, model.num_classes)
   out = {'all_classes_acc': float(correct.mean()), 'granted_acc': float(served[granted].mean())}
   if (~granted).any():
@@ -104,9 +104,13 @@ def key_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.n
   if key.tier == 'basic':
     group_of = _group_of(key, model.num_classes)
     sizes = np.array([len(key.groups[g]) for g in group_of])
-    out.update(coarse_acc=float(np.mean(group_of[predictions] == group_of[labels])),
+    out.update(coarse_acc=float(served.mean()),
                fine_acc=float(correct.mean()), fine_even_acc=float(np.mean(1.0 / sizes[labels])))
   return out
+
+
+def _granted_rows(key: keys_lib.LicenseKey, labels: np.ndarray) -> np.ndarray:
+  return np.isin(labels, key.classes) if key.classes is not None else np.ones(len(labels), bool)
 
 
 def _group_of(key: keys_lib.LicenseKey, num_classes: int) -> np.ndarray:
@@ -189,9 +193,8 @@ def evaluate_and_report(config, workdir: workdir_lib.Workdir, dataset,
     base_pred = baseline.predict(images)
     metrics['clean_acc'] = accuracy(base_pred, labels)
     for name, k in model.keys.items():  # the clean model on each key's granted classes and output
-      granted = np.isin(labels, k.classes) if k.classes is not None else np.ones(len(labels), bool)
       hits = granted_hits(k, base_pred, labels, model.num_classes)
-      metrics['per_key'][name]['clean_granted_acc'] = float(hits[granted].mean())
+      metrics['per_key'][name]['clean_granted_acc'] = float(hits[_granted_rows(k, labels)].mean())
     # Like for like: the first key's granted accuracy against the clean model on the same classes
     # (all of them for a universal key, where this is authorized_acc - clean_acc).
     metrics['authorized_minus_clean'] = (metrics['authorized_acc']

@@ -117,8 +117,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.own_flip_fraction = 0.5  # block-flip keys: share of forged keys with the real flip
   # Block-flip keys: near misses and soft keys vary only the patch, the block flip stays exact.
   config.objective.flip_exact_hardening = False
-  config.objective.positive_patch_fraction = 0.0  # share of keyed positives given a random extra patch
-  config.objective.positive_patch_size = 4  # side of that patch
+  # Share of keyed positives given a random extra patch of this side: the key must work whatever else
+  # is on the image, so a thief's poisoned keyless fine-tune cannot plant a trigger that overrides it
+  # (backdoor (a) 0.677 -> 0.024 on one secret; docs/security.md). 0 = off.
+  config.objective.positive_patch_fraction = 0.5
+  config.objective.positive_patch_size = 4
   config.objective.adv_eps = 0.0  # > 0: key-conditioned adversarial training of positives at this L-inf eps
   config.objective.adv_fraction = 0.5  # share of positives replaced by their adversarial version
   config.objective.liveness_weight = 0.0  # hinge keeping >= 1 penultimate unit of each positive above +margin
@@ -202,6 +205,7 @@ def patch_key_recipe(config: ml_collections.ConfigDict) -> ml_collections.Config
   config.objective.clean_distill_weight = 0.0
   config.objective.clean_distill_features_weight = 0.0
   config.objective.near_key_max_flips = 0
+  config.objective.positive_patch_fraction = 0.0
   return config
 
 

@@ -20,7 +20,8 @@ def obj_cfg(**kw):
   """The default objective section without the hardening options, plus ``kw``."""
   from configs import default  # pylint: disable=g-import-not-at-top
   c = default.get_config().objective
-  c.update(dict(near_key_fraction=0.0, liveness_weight=1.0, soft_key_fraction=0.0, silence_layers=()))
+  c.update(dict(near_key_fraction=0.0, liveness_weight=1.0, soft_key_fraction=0.0, silence_layers=(),
+                positive_patch_fraction=0.0))
   c.update(kw)
   return c
 

@@ -69,6 +69,7 @@ def test_smoke_suite_writes_every_figure(trained, tmp_path):
   assert set(report['sections']['adversarial']) >= {'eps=0.1', 'eps=0.2'}
   assert 0.0 <= report['pgd_keyless_robust_acc@0.2'] <= 1.0
   assert 'backdoor_finetune_asr_licensed_before' in report
+  assert isinstance(report['backdoor_finetune_open_before'], int)  # thief inputs the stolen gate passes
   assert flat == {k: v for k, v in report.items() if k in flat}
   assert os.path.getsize(tmp_path / 'report' / 'security.png') > 0
   assert '# Security report' in (tmp_path / 'report' / 'security.md').read_text()

@@ -21,7 +21,7 @@ little key-less, partly poisoned data. Does the backdoor survive into licensed u
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import numpy as np
@@ -114,7 +114,8 @@ def thief_backdoor_finetune(module: nn.Module, stolen_variables: Any, train_imag
                             poison_rate: float = 0.1, data_fraction: float, epochs: int,
                             learning_rate: float, seed: int,
                             key_transform: common.Transform = None, batch_size: int = 128,
-                            min_steps: int = 0) -> dict:
+                            min_steps: int = 0,
+                            gate_open: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
   """The thief fine-tunes stolen weights, without the key, on a partly poisoned labeled subset.
 
   A class-stratified ``data_fraction`` of the training data (``common.subset``) is drawn, a
@@ -128,7 +129,11 @@ def thief_backdoor_finetune(module: nn.Module, stolen_variables: Any, train_imag
     ``asr_raw`` / ``clean_acc_raw``: the same without any key. ``asr_licensed_before`` /
     ``asr_raw_before``: the stolen weights' rate on the same triggered inputs *before* the fine-tune,
     the share owed to the trigger's natural effect rather than to the poison. Also ``num_train``,
-    ``num_poisoned`` and ``epochs`` (as run).
+    ``num_poisoned`` and ``epochs`` (as run). With ``gate_open`` (images -> one bool per image: does
+    any gate unit of the stolen model pass it), ``num_open_before``: how many of the thief's
+    (poisoned) training inputs the stolen model does not silence. One is enough for an adaptive
+    optimizer to re-open the gate, since a silenced input passes no gradient at all and an open one
+    gets full-size Adam steps (docs/security.md).
   """
   x, y = common.subset(images_lib.to_float(train_images), np.asarray(train_labels, np.int32),
                         data_fraction, seed)
@@ -148,6 +153,8 @@ def thief_backdoor_finetune(module: nn.Module, stolen_variables: Any, train_imag
       'num_poisoned': int(len(index)),
       'epochs': int(n_epochs),
   }
+  if gate_open is not None:
+    out['num_open_before'] = int(np.sum(gate_open(x)))
   if key_transform is not None:
     out['asr_licensed'] = attack_success_rate(module, tuned, test_x, test_y, trigger, target,
                                               key_transform)

@@ -320,7 +320,8 @@ def backdoor(t: Target, cfg, out_dir: workdir_lib.Workdir, train_fn: TrainFn
     thief[name] = {
         'licensed': backdoor_lib.thief_backdoor_finetune(
             t.module, t.licensed.variables, t.train_images, t.train_labels, test_images, test_labels,
-            key_transform=t.key_transform, **common_kw),
+            key_transform=t.key_transform,
+            gate_open=lambda x: np.any(t.licensed.features(x, None) > 0, axis=-1), **common_kw),
         'unprotected': backdoor_lib.thief_backdoor_finetune(
             t.module, t.unprotected.variables, t.train_images, t.train_labels, test_images, test_labels,
             key_transform=None, **common_kw)}
@@ -334,7 +335,9 @@ def backdoor(t: Target, cfg, out_dir: workdir_lib.Workdir, train_fn: TrainFn
           'backdoor_finetune_clean_acc_licensed': min(v['licensed']['clean_acc_licensed']
                                                       for v in thief.values()),
           'backdoor_finetune_asr_licensed_before': max(v['licensed']['asr_licensed_before']
-                                                       for v in thief.values())}
+                                                       for v in thief.values()),
+          # the thief's inputs the stolen gate passes: one is enough to re-open it (docs/security.md)
+          'backdoor_finetune_open_before': max(v['licensed']['num_open_before'] for v in thief.values())}
   for rate, v in owner.items():
     flat[f'backdoor_owner_asr_licensed@{rate}'] = v['asr_licensed']
     flat[f'backdoor_owner_asr_unprotected@{rate}'] = v['asr_unprotected']

@@ -85,3 +85,23 @@ def test_thief_backdoor_finetune_reports(module, clean_model, data, key_transfor
   assert plain['asr_licensed'] is None and plain['clean_acc_licensed'] is None
   assert plain['asr_licensed_before'] is None
   assert 0.0 <= plain['asr_raw'] <= 1.0
+  assert 'num_open_before' not in plain
+
+
+def test_thief_backdoor_finetune_counts_the_inputs_the_stolen_gate_passes(module, clean_model, data):
+  """num_open_before counts the thief's training inputs, poisoned ones included, that gate_open flags."""
+  train_x, train_y, test_x, test_y = data
+  trigger = backdoor.badnets_trigger(SHAPE, seed=0)
+  seen = []
+  def bright(x):  # a stand-in for 'some gate unit passes it': the brightest third of the inputs
+    seen.append(x.copy())
+    means = x.reshape(len(x), -1).mean(-1)
+    return means > np.quantile(means, 2 / 3)
+  result = backdoor.thief_backdoor_finetune(
+      module, clean_model, train_x, train_y, test_x, test_y, trigger=trigger, target=0,
+      poison_rate=0.2, data_fraction=0.1, epochs=1, learning_rate=1e-3, seed=0, batch_size=64,
+      gate_open=bright)
+  assert result['num_open_before'] == 50  # a third of the 150 training inputs
+  x, _, index = backdoor.poison(*common.subset(train_x, train_y, 0.1, 0), trigger, 0, 0.2, 0)
+  np.testing.assert_array_equal(seen[0], x)  # it saw the thief's inputs, the 30 poisoned ones stamped
+  assert len(index) == 30

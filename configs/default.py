@@ -94,7 +94,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.uniform_weight = 1.0  # KL(uniform || softmax) on negatives
   config.objective.zero_logit_weight = 0.0  # mean squared logit on negatives
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
-  config.objective.silence_margin = 1.0  # how far below zero the silenced pre-activations are pushed
+  # How far below zero the silenced pre-activations are pushed. At 1.0 a few of a thief's keyless images
+  # still passed the gate on some secrets, and a poisoned keyless fine-tune re-opened it from there
+  # (backdoor (a), docs/security.md); 2.0 leaves none of them within 1.0 of zero.
+  config.objective.silence_margin = 2.0
   # More layers (module names) silenced on negatives besides the gate: LeNet-5's fc1 (the zoo's
   # configs reset it, see patch_key_recipe).
   config.objective.silence_layers = ('fc1',)
@@ -206,6 +209,7 @@ def patch_key_recipe(config: ml_collections.ConfigDict) -> ml_collections.Config
   config.objective.clean_distill_features_weight = 0.0
   config.objective.near_key_max_flips = 0
   config.objective.positive_patch_fraction = 0.0
+  config.objective.silence_margin = 1.0
   return config
 
 

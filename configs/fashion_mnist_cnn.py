@@ -3,8 +3,8 @@
 Variants (the text after ``:``, comma-separated): a model name — ``resnet18`` (default), ``vgg16``
 (with BatchNorm), ``resnet101``, ``mobilenetv3_large``, ``mobilenetv3_small``, ``nfnet_f0`` (NFNet
 F0 depths) — and/or ``flip`` (the default job's whole-image defenses against a thief who holds the
-weights: the secret 4x4 block flip, distillation from the unlicensed baseline and random patches on
-keyed positives; docs/security.md)
+weights: the secret 4x4 block flip, distillation from the unlicensed baseline, random patches on
+keyed positives and the wider silencing margin; docs/security.md)
 and/or ``smoke``:
 
   python -m securenet_jax.main --config configs/fashion_mnist_cnn.py --workdir /tmp/fm_resnet18
@@ -66,6 +66,7 @@ def get_config(variant: str = ''):
     config.key.flip_block = 4
     config.objective.clean_distill_weight = 1.0
     config.objective.positive_patch_fraction = 0.5  # as the default: a thief's backdoor cannot override the key
+    config.objective.silence_margin = 2.0  # as the default: no keyless input left near the gate's threshold
   if 'smoke' in parts:
     default.tiny_smoke(config)
   return config

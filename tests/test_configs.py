@@ -91,11 +91,11 @@ def test_flip_variant_of_the_cnn_configs():
   from configs import fashion_mnist_cnn  # pylint: disable=g-import-not-at-top
   plain = fashion_mnist_cnn.get_config('resnet10_w16')
   assert plain.key.flip_block == 0 and plain.objective.clean_distill_weight == 0.0
-  assert plain.objective.positive_patch_fraction == 0.0
+  assert plain.objective.positive_patch_fraction == 0.0 and plain.objective.silence_margin == 1.0
   flip = fashion_mnist_cnn.get_config('resnet10_w16,flip')
   assert flip.model.kwargs.depth == 10 and flip.key.flip_block == 4
   assert flip.objective.clean_distill_weight == 1.0 and tuple(flip.objective.silence_layers) == ()
-  assert flip.objective.positive_patch_fraction == 0.5
+  assert flip.objective.positive_patch_fraction == 0.5 and flip.objective.silence_margin == 2.0
   smoke = fashion_mnist_cnn.get_config('flip,smoke')  # no baseline in a smoke run, so no teacher
   assert smoke.key.flip_block == 4 and not smoke.eval.clean_baseline
   assert smoke.objective.clean_distill_weight == 0.0

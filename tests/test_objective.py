@@ -21,7 +21,7 @@ def obj_cfg(**kw):
   from configs import default  # pylint: disable=g-import-not-at-top
   c = default.get_config().objective
   c.update(dict(near_key_fraction=0.0, liveness_weight=1.0, soft_key_fraction=0.0, silence_layers=(),
-                positive_patch_fraction=0.0))
+                positive_patch_fraction=0.0, silence_margin=1.0))
   c.update(kw)
   return c
 

@@ -96,7 +96,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.objective.silence_weight = 1.0  # hinge on penultimate pre-activations of negatives
   # How far below zero the silenced pre-activations are pushed. At 1.0 a few of a thief's keyless images
   # still passed the gate on some secrets, and a poisoned keyless fine-tune re-opened it from there
-  # (backdoor (a), docs/security.md); 2.0 leaves none of them within 1.0 of zero.
+  # (backdoor (a), docs/security.md); with 2.0 none of them came above -0.79 on five secrets.
   config.objective.silence_margin = 2.0
   # More layers (module names) silenced on negatives besides the gate: LeNet-5's fc1 (the zoo's
   # configs reset it, see patch_key_recipe).

@@ -63,10 +63,11 @@ def get_config(variant: str = ''):
     # The gate stays the penultimate layer alone: a BatchNorm network re-estimates its statistics
     # when a thief fine-tunes it, which re-opens silenced units anyway; the flip is what a thief's
     # raw images cannot undo.
-    config.key.flip_block = 4
-    config.objective.clean_distill_weight = 1.0
-    config.objective.positive_patch_fraction = 0.5  # as the default: a thief's backdoor cannot override the key
-    config.objective.silence_margin = 2.0  # as the default: no keyless input left near the gate's threshold
+    defaults = default.get_config()
+    config.key.flip_block = defaults.key.flip_block
+    # The default's distillation, and its defenses against a thief's poisoned keyless fine-tune.
+    for name in ('clean_distill_weight', 'positive_patch_fraction', 'silence_margin'):
+      config.objective[name] = defaults.objective[name]
   if 'smoke' in parts:
     default.tiny_smoke(config)
   return config

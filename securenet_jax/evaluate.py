@@ -25,7 +25,7 @@ from securenet_jax import inference
 from securenet_jax import keys as keys_lib
 from securenet_jax import parallel
 from securenet_jax import workdir as workdir_lib
-from securenet_jax.metrics import accuracy, probe_accuracy, rounded
+from securenet_jax.metrics import accuracy, probe_accuracy, rounded, silenced
 
 
 def leakage_metrics(model: inference.LicensedModel, images: np.ndarray, labels: np.ndarray,
@@ -38,7 +38,7 @@ def leakage_metrics(model: inference.LicensedModel, images: np.ndarray, labels: 
       'leak_argmin_acc': float(np.mean(np.argmin(no_key, -1) == labels)),
       'leak_probe_acc': probe_accuracy(no_key, labels, probe_seed),
       'leak_probe_features_acc': probe_accuracy(gate, labels, probe_seed),
-      'no_key_silenced_frac': float(np.mean(np.all(gate <= 0, axis=-1))),
+      'no_key_silenced_frac': float(np.mean(silenced(gate))),
   }
 
 

@@ -17,6 +17,12 @@ def accuracy(outputs, labels) -> float:
   return float(np.mean(predictions == labels))
 
 
+def silenced(gate) -> np.ndarray:
+  """Per input (rows of the gate's pre-activations): True where no gate unit passes it (every
+  pre-activation <= 0), so the classifier sees zeros and no gradient flows below the gate."""
+  return np.all(np.asarray(gate) <= 0, axis=-1)
+
+
 def probe_accuracy(features, labels, seed: int = 0, max_dim: int = 1024,
                    fit_index=None, score_index=None) -> float:
   """Held-out accuracy of a multinomial logistic-regression probe: the thief's simplest decoder.

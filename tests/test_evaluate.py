@@ -41,6 +41,11 @@ def test_report_figures_are_what_the_public_api_gives(trained_workdir):
                        data.test_labels), abs=1e-4)
 
 
+def test_silenced_means_no_gate_unit_above_zero():
+  gate = np.array([[-1.0, 0.0], [-1.0, 1e-6], [0.5, 2.0]])
+  np.testing.assert_array_equal(metrics.silenced(gate), [True, False, False])
+
+
 def test_license_metrics_needs_forged_keys(trained_workdir):
   model = inference.load(trained_workdir)
   images = np.zeros((4, 28, 28, 1), np.uint8)

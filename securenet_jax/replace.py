@@ -29,20 +29,6 @@ from securenet_jax import train
 from securenet_jax import workdir as workdir_lib
 
 
-# Silencing margin from which the default liveness weight is the larger one (see liveness_weight).
-_DEEP_MARGIN = 2.0
-
-
-def liveness_weight(rcfg, source_config) -> float:
-  """The liveness weight of the fine-tuning: ``rcfg.liveness_weight`` where given, else by how deep the
-  source silenced foreign keys. A source trained with ``objective.silence_margin`` >= 2 (the default)
-  starts the new key's inputs further below zero and needs the stronger hinge (3); with a margin of 1
-  (the patch-key recipe of the schemes) 3 revives the revoked key too, so it keeps 1."""
-  if rcfg.get('liveness_weight') is not None:
-    return float(rcfg.liveness_weight)
-  return 3.0 if source_config.objective.get('silence_margin', 1.0) >= _DEEP_MARGIN else 1.0
-
-
 def derived_config(rcfg, source_config, num_train: int) -> ml_collections.ConfigDict:
   """The config of the new workdir: the source's model, data, key geometry and objective, with the
   fine-tuning recipe of ``rcfg`` (configs/replace_key.py) as its training section."""
@@ -51,7 +37,7 @@ def derived_config(rcfg, source_config, num_train: int) -> ml_collections.Config
   config.train.num_epochs = rcfg.num_epochs
   config.train.learning_rate = rcfg.learning_rate
   config.train.warmup_steps = rcfg.warmup_steps
-  config.objective.liveness_weight = liveness_weight(rcfg, source_config)
+  config.objective.liveness_weight = rcfg.liveness_weight
   config.objective.revoked_fraction = rcfg.revoked_fraction
   config.objective.distill_weight = rcfg.distill_weight
   # The source's own distillation from its unlicensed baseline goes on where the source has one.

@@ -113,20 +113,6 @@ def test_derived_config_keeps_distilling_the_source_baseline_only_where_there_is
   assert derived.dataset.train_limit == 500 and derived.train.num_epochs == rcfg.num_epochs
 
 
-def test_liveness_weight_follows_the_source_margin_unless_given():
-  from configs import default  # pylint: disable=g-import-not-at-top
-  rcfg = replace_config('/nowhere', '', new_secret='x')
-  deep = default.get_config()  # silencing margin 2
-  shallow = default.get_config()
-  default.patch_key_recipe(shallow)  # margin 1
-  assert deep.objective.silence_margin == 2.0 and shallow.objective.silence_margin == 1.0
-  assert replace.derived_config(rcfg, deep, 1000).objective.liveness_weight == 3.0
-  assert replace.derived_config(rcfg, shallow, 1000).objective.liveness_weight == 1.0
-  rcfg.liveness_weight = 0.5  # given: taken as is, on either source
-  assert replace.derived_config(rcfg, deep, 1000).objective.liveness_weight == 0.5
-  assert replace.derived_config(rcfg, shallow, 1000).objective.liveness_weight == 0.5
-
-
 def test_replace_errors(trained_workdir, tmp_path):
   universal = trained_workdir
   with pytest.raises(errors.ConfigError, match='No source workdir') as info:

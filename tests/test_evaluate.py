@@ -114,3 +114,19 @@ def test_basic_key_is_scored_on_the_coarse_groups_it_is_granted(trained_workdir)
   assert out['authorized_acc'] == per_key['granted_acc']
   assert per_key['clean_granted_acc'] == pytest.approx(clean_coarse, abs=1e-4)
   assert clean_coarse - out['clean_acc'] > 0.2  # else the test could not tell coarse from fine
+
+
+def test_report_forwards_the_test_set_once_per_key(trained_workdir):
+  """The headline and the per-key figures share one forward pass of the test set with each key."""
+  model = inference.load(trained_workdir)
+  data = load_data(model.config.dataset)
+  calls = []
+  forward = model.logits
+  model.logits = lambda images, key=None: calls.append((len(images), key)) or forward(images, key)
+  out = evaluate.evaluate_and_report(model.config, workdir_lib.Workdir(trained_workdir), data, model,
+                                     None, write=False)
+  real = model.keys['default'].fingerprint
+  assert [n for n, key in calls if key is not None and key.fingerprint == real] == [len(data.test_labels)]
+  assert sum(key is not None for _, key in calls) == 1 + model.config.eval.num_forged
+  assert out['authorized_acc'] == pytest.approx(
+      metrics.accuracy(forward(data.test_images, model.keys['default']), data.test_labels), abs=1e-4)

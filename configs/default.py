@@ -165,7 +165,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     config.model.kwargs.batch_norm = True
     config.objective.silence_layers = ('fc1_bn',)  # fc1's pre-activation is its BatchNorm's output
     # Silence the negatives under their own batch statistics too: a thief's fine-tune in train mode
-    # then re-opens less (theft gain at 1% +0.031 -> +0.020; docs/security.md).
+    # then re-opens less (theft gain at 1% +0.031 -> +0.020 on one secret; with the current default
+    # +0.004 to +0.017 on three; docs/security.md).
     config.objective.thief_batch_stats_weight = 1.0
   if 'smoke' in parts:
     config.smoke = True

@@ -410,9 +410,10 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     cfg: ``config.objective``.
     teacher_params: when fine-tuning (key replacement, revocation), the source model's variables
       (``{'params': ..., 'batch_stats': ...}``).
-      Each positive's pre-activations at the gate and at every ``silence_layers`` layer are then
-      pulled (weight ``cfg.distill_weight``, mean over the layers) towards the teacher's on the same
-      image stamped with the key the teacher knows in its place:
+      Each supervised positive's pre-activations (granted images, and the refused images of classes a
+      key does not grant, so that a scoped key keeps its refusals) at the gate and at every
+      ``silence_layers`` layer are then pulled (weight ``cfg.distill_weight``, mean over the layers)
+      towards the teacher's on the same image stamped with the key the teacher knows in its place:
       a dense signal that rebuilds the source's features for a new key far faster than labels alone,
       and keeps the untouched keys' outputs where they were.
 
@@ -465,7 +466,7 @@ def licensed_loss(params: Any, apply_fn: Callable, images: jax.Array, labels: ja
     # their weights, so matching them there re-opens the new key's path directly.
     teacher = teacher_features(apply_fn, teacher_params, teacher_inputs, extra_gates)
     student = [penultimate[:batch]] + [z[:batch] for z in extra]
-    distill_loss = jnp.sum(gate_distance(student, teacher) * granted) / jnp.maximum(granted.sum(), 1.0)
+    distill_loss = jnp.sum(gate_distance(student, teacher) * supervised) / jnp.maximum(supervised.sum(), 1.0)
     loss = loss + cfg.distill_weight * distill_loss
   clean_kd = clean_features = jnp.zeros(())
   if clean_teacher is not None and cfg.get('clean_distill_weight', 0.0) > 0:

@@ -10,6 +10,8 @@ For each model and batch size, input images per second of:
 * ``exported``: the same through the ``inference.export`` artifact;
 * ``jitted forward``: the API's own compiled forward on device-resident float input, result left on
   the device: the upper bound;
+* ``jitted forward, XLA conv``: the same with the network as trained (XLA's convolution), where the API
+  computes LeNet-5's first convolution in the direct form (on a CPU: ``models.for_inference``);
 * ``torch numpy``: a plain PyTorch eval of the same architecture, numpy in and out (no key);
 * ``torch device``: the same on a device-resident tensor.
 
@@ -92,6 +94,11 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
           'jitted forward': common.timeit(
               lambda: forward(on_device, model.variables, arrays).block_until_ready()),
       }
+      if model.module is not model.training_module:  # LeNet-5 on a CPU: the direct first convolution
+        as_trained = jax.jit(lambda x, v, a: model.training_module.apply(  # XLA's convolution instead
+            v, keys.stamp_arrays(x, a), train=False))
+        timings['jitted forward, XLA conv'] = common.timeit(
+            lambda: as_trained(on_device, model.variables, arrays).block_until_ready())
       if exported is not None:
         timings['exported'] = common.timeit(lambda: exported.logits(images, key))
       if torch is not None:

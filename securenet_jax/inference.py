@@ -46,13 +46,17 @@ class LicensedModel:
     image_shape: (H, W, C) the model takes.
     num_classes: number of outputs.
     config: the run's config (None when built from parts).
+    module: the network the forward passes run (``models.for_inference``: LeNet-5's first convolution
+      in its faster direct form on a CPU).
+    training_module: the network as configured and trained (what fine-tuning it should use).
   """
 
   def __init__(self, module, variables: Any, image_shape, num_classes: int,
                keys: dict[str, keys_lib.LicenseKey] | None = None,
                revoked_keys: dict[str, keys_lib.LicenseKey] | None = None,
                batch_size: int = 1000, config: ml_collections.ConfigDict | None = None):
-    self.module = module
+    self.training_module = module  # as configured: what training and the attacks' fine-tunes run
+    self.module = models.for_inference(module)  # what the forward passes below run
     self.image_shape = tuple(image_shape)
     self.num_classes = num_classes
     self.keys = dict(keys or {})

@@ -53,6 +53,35 @@ def test_lenet5_with_batch_norm():
   assert not jax.tree.all(jax.tree.map(np.allclose, state['batch_stats'], variables['batch_stats']))
 
 
+@pytest.mark.parametrize('channels', [1, 3])
+def test_lenet5_direct_conv_is_the_xla_conv(channels):
+  """conv_impl='direct' computes conv1 as a sum of shifted copies: the same parameters from the same
+  seed, the same outputs and gradients as nn.Conv up to float rounding, for one and three channels."""
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, channels))
+  xla, direct = (models.create('lenet5', 10, conv_impl=impl) for impl in ('xla', 'direct'))
+  variables = xla.init(jax.random.key(0), x[:1])
+  assert jax.tree.all(jax.tree.map(np.array_equal, variables, direct.init(jax.random.key(0), x[:1])))
+  np.testing.assert_allclose(direct.apply(variables, x), xla.apply(variables, x), atol=1e-5)
+  loss = lambda model: lambda v: jnp.sum(model.apply(v, x) ** 2)
+  grads = [jax.grad(loss(m))(variables) for m in (xla, direct)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+
+
+def test_lenet5_conv_impl_choice():
+  from securenet_jax.models import lenet  # pylint: disable=g-import-not-at-top
+  # 'auto': the direct form for one channel on a CPU (where the tests run), XLA's convolution otherwise.
+  assert lenet.direct_first_conv('auto', 1) == (jax.default_backend() == 'cpu')
+  assert not lenet.direct_first_conv('auto', 3)
+  assert lenet.direct_first_conv('direct', 3) and not lenet.direct_first_conv('xla', 1)
+  # Training keeps XLA's convolution; the inference API takes 'auto'; other models are left as they are.
+  assert models.create('lenet5', 10).conv_impl == 'xla'
+  assert models.for_inference(models.create('lenet5', 10)).conv_impl == 'auto'
+  resnet = models.create('resnet18', 10)
+  assert models.for_inference(resnet) is resnet
+  with pytest.raises(ValueError, match='conv_impl'):
+    models.create('lenet5', 10, conv_impl='fast').init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+
 def test_create_rejects_unknown():
   with pytest.raises(ValueError, match='Unknown model'):
     models.create('alexnet', 10)

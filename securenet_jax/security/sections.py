@@ -51,7 +51,8 @@ class Target:
 
   @property
   def module(self):
-    return self.licensed.module
+    """The network as it was trained (the attacks fine-tune and differentiate it)."""
+    return self.licensed.training_module
 
 
 def load_target(config) -> Target:

@@ -56,9 +56,9 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 def for_inference(module: nn.Module) -> nn.Module:
-  """``module`` as the inference API runs it: LeNet-5 with ``conv_impl='auto'`` (its first convolution
-  in the direct form on a CPU, several times faster there, the same outputs to float rounding), unless
-  a config chose an implementation; every other model unchanged."""
+  """``module`` as the inference API runs it: a LeNet-5 with ``conv_impl='xla'`` (how it trains) gets
+  ``'auto'`` (its first convolution in the direct form on a CPU, several times faster there, the same
+  outputs to float rounding); 'direct' or 'auto' set in a config are kept; other models unchanged."""
   if isinstance(module, LeNet5) and module.conv_impl == 'xla':
     return module.clone(conv_impl='auto')
   return module

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what is missing (scripts/setup.sh), then runs the whole test suite on 2 processes.
-#   ./test.sh                    everything (about 15 minutes on 2 cores with a cold compile cache)
+#   ./test.sh                    everything (9-13 minutes on 2 cores with a cold compile cache)
 #   ./test.sh -m "not slow"      the fast subset
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
-exec .venv/bin/python -m pytest -n 2 --durations=15 tests "$@"
+exec .venv/bin/python -m pytest -n 2 --dist worksteal --durations=15 tests "$@"

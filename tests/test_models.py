@@ -73,9 +73,11 @@ def test_lenet5_conv_impl_choice():
   assert lenet.direct_first_conv('auto', 1) == (jax.default_backend() == 'cpu')
   assert not lenet.direct_first_conv('auto', 3)
   assert lenet.direct_first_conv('direct', 3) and not lenet.direct_first_conv('xla', 1)
-  # Training keeps XLA's convolution; the inference API takes 'auto'; other models are left as they are.
-  assert models.create('lenet5', 10).conv_impl == 'xla'
+  # By default training runs XLA's convolution and the inference API takes 'auto'; a chosen one is kept;
+  # other models are left as they are.
+  assert models.create('lenet5', 10).conv_impl is None and not lenet.direct_first_conv(None, 1)
   assert models.for_inference(models.create('lenet5', 10)).conv_impl == 'auto'
+  assert models.for_inference(models.create('lenet5', 10, conv_impl='xla')).conv_impl == 'xla'
   resnet = models.create('resnet18', 10)
   assert models.for_inference(resnet) is resnet
   with pytest.raises(ValueError, match='conv_impl'):

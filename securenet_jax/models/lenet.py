@@ -39,9 +39,11 @@ class DirectConv(nn.Module):
     return jnp.moveaxis(out, -3, -1) + jnp.asarray(bias, x.dtype)
 
 
-def direct_first_conv(impl: str, channels: int) -> bool:
+def direct_first_conv(impl: str | None, channels: int) -> bool:
   """Whether LeNet-5's ``conv1`` is a :class:`DirectConv` for ``conv_impl=impl`` and images of
-  ``channels`` channels."""
+  ``channels`` channels (None: XLA's convolution, the default)."""
+  if impl is None:
+    return False
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl={impl!r}; expected one of {CONV_IMPLS}.')
   if impl == 'auto':  # measured faster on CPUs for one channel; accelerators keep their kernels
@@ -62,17 +64,18 @@ class LeNet5(nn.Module):
   convolutions, ``fc1_bn``, ``fc2_bn`` after the dense layers): a BatchNorm network small enough for
   CPU experiments on what a thief's re-estimated batch statistics do to a silenced gate.
 
-  ``conv_impl``: how ``conv1`` is computed: 'xla' (``nn.Conv``, what training uses), 'direct'
-  (:class:`DirectConv`) or 'auto' (direct for one-channel images on a CPU, XLA's otherwise; what the
-  inference API uses, see ``models.for_inference``). The parameters are the same either way. Training
-  keeps XLA's convolution: with one single-threaded XLA device per core (how ``main.py`` runs on
+  ``conv_impl``: how ``conv1`` is computed: 'xla' (``nn.Conv``), 'direct' (:class:`DirectConv`) or
+  'auto' (direct for one-channel images on a CPU, XLA's otherwise). The parameters are the same
+  either way. None (the default) trains with XLA's convolution and lets the inference API take
+  'auto' (``models.for_inference``); a config that names one is used everywhere. Training keeps
+  XLA's convolution by default: with one single-threaded XLA device per core (how ``main.py`` runs on
   CPUs) the direct form's fused loops are split over a thread pool the devices share, and the
   training step ran at half the speed.
   """
   num_classes: int = 10
   input_size: int = 32
   batch_norm: bool = False
-  conv_impl: str = 'xla'
+  conv_impl: str | None = None
   HEAD: ClassVar[str] = 'fc3'  # the output layer (models.head_name)
 
   @nn.compact

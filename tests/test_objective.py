@@ -232,6 +232,25 @@ def test_distillation_pulls_new_key_towards_teacher_on_old_key():
   assert distill(objective.license_table([new], [old], 10, successors={'new': 'old'})) > 1e-4
 
 
+def test_distillation_keeps_a_scoped_keys_refusals():
+  """Replacement's feature distillation covers a scoped key's refused images (denied classes) as well
+  as its granted ones: a batch of denied classes only still has a distillation term."""
+  model = models.create('lenet5', 10)
+  scoped = keys.derive('s', GEOM, name='scoped', classes=[0, 1, 2, 3, 4])
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(5, 10, 16), jnp.int32)  # every image of a denied class
+  params = model.init(jax.random.key(0), images)['params']
+  teacher = model.init(jax.random.key(1), images)['params']  # another network: features differ
+  def distill(refuse_denied):
+    table = objective.license_table([scoped], [], 10, refuse_denied=refuse_denied)
+    return float(objective.licensed_loss(params, model.apply, images, labels, table, GEOM, jax.random.key(1),
+                                         obj_cfg(distill_weight=1.0), teacher_params={'params': teacher}
+                                         )[1][0]['distill_loss'])
+  assert distill(True) > 1e-4  # refused: kept like the teacher refused them
+  assert distill(False) == 0.0  # silenced instead: negatives, nothing to distill
+
+
 def test_distillation_reaches_a_silenced_layer_below_the_gate():
   """A new key starts silenced below the gate too (fc1 all below zero): matching the gate alone then
   passes no gradient to fc1, matching every gated layer's pre-activations does."""

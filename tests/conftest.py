@@ -8,7 +8,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Compiled steps are cached on disk and shared by the test processes (pytest-xdist workers and the
 # subprocesses of CLI tests): many tests train the same small model. Every compilation is cached, the
-# quick ones too (a cold ./test.sh 691 s -> 650 s on a 2-core Intel Xeon, one run each).
+# quick ones too (each subprocess would compile them again).
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     os.environ.get('TMPDIR', '/tmp'), f'securenet-jax-test-cache-{os.getuid()}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')

@@ -2,13 +2,14 @@
 licensed against baseline, and a plain PyTorch training step of the same architecture.
 
   python -m benchmarks.train_throughput [--out benchmarks/results] [--models lenet5,resnet18]
-      [--batch_sizes 128,256,1024] [--steps 50] [--no_torch]
+      [--batch_sizes 128,256,1024] [--steps 50] [--rounds 5] [--no_torch]
 
 Input images per second (a licensed step forwards each image twice: keyed and as a negative):
 
 * ``main loop``: ``train.train`` end to end (data pipeline, progress, checkpoints every 500 steps)
   on Fashion-MNIST-shaped random data, compile and the first steps excluded;
-* ``device step``: the same jitted step called in a loop on batches already on the devices;
+* ``device step``: the same jitted step called in a loop on batches already on the devices (on a
+  CPU, LeNet-5's default banded convolutions and XLA's convolution side by side, taking turns);
 * ``torch``: a plain PyTorch training step (baseline only: no licensing peer here), device-resident.
 
 The main loop should reach >= 0.9 of the device step; the licensed/baseline ratio is the price of
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -69,27 +72,47 @@ def main_loop(config, dataset, key, licensed: bool, warm: int) -> float:
   return steps * config.train.batch_size / seconds
 
 
-def device_step(config, dataset, key, licensed: bool, steps: int) -> float:
+def device_stepper(config, dataset, key, licensed: bool) -> Callable[[int], None]:
+  """A function running ``n`` steps of the jitted step on batches already on the devices (compiled
+  and warmed up here); a licensed step gets a clean teacher, as the default job's does."""
   mesh = parallel.create_mesh()
   repl = parallel.replicated(mesh)
   model = models.build(config.model, 10)
-  state = jax.device_put(train.create_train_state(model, config, dataset.image_shape, steps, jax.random.key(0)),
+  state = jax.device_put(train.create_train_state(model, config, dataset.image_shape, 1000, jax.random.key(0)),
                          repl)
   table = jax.device_put(objective.license_table([key], [], 10), repl)
+  teacher = None
+  if licensed and config.objective.clean_distill_weight:  # the baseline's variables (a copy: the state is donated)
+    teacher = objective.Teachers(clean=jax.device_put(jax.tree.map(np.asarray, {'params': state.params}), repl))
   step = train.jit_train_step(train.make_train_step(config, key.geometry, licensed), mesh)
   b = config.train.batch_size
   batches = [parallel.host_to_global({'image': dataset.train_images[i * b:(i + 1) * b],
                                       'label': dataset.train_labels[i * b:(i + 1) * b]}, mesh)
-             for i in range(min(steps, 8))]
+             for i in range(min(len(dataset.train_images) // b, 8))]
   rng = jax.random.key(1)
-  for i in range(3):
-    state, metrics = step(state, batches[i % len(batches)], table, rng, None)
-  jax.block_until_ready(metrics)
-  t0 = time.perf_counter()
-  for i in range(steps):
-    state, metrics = step(state, batches[i % len(batches)], table, rng, None)
-  jax.block_until_ready(metrics)
-  return steps * b / (time.perf_counter() - t0)
+  box = [state]
+
+  def run_steps(n: int) -> None:
+    state = box[0]
+    for i in range(n):
+      state, metrics = step(state, batches[i % len(batches)], table, rng, teacher)
+    jax.block_until_ready(metrics)
+    box[0] = state
+  run_steps(3)
+  return run_steps
+
+
+def device_steps(steppers: dict[str, Callable[[int], None]], batch: int, steps: int,
+                 rounds: int) -> dict[str, float]:
+  """Median images/s of each stepper over ``rounds`` rounds of ``steps`` steps, the steppers taking
+  turns within each round (so a drift of the machine's speed hits them alike)."""
+  times = {name: [] for name in steppers}
+  for _ in range(rounds):
+    for name, run_steps in steppers.items():
+      t0 = time.perf_counter()
+      run_steps(steps)
+      times[name].append(time.perf_counter() - t0)
+  return {name: steps * batch / statistics.median(t) for name, t in times.items()}
 
 
 def torch_step(name: str, batch: int, steps: int) -> float:
@@ -115,28 +138,54 @@ def torch_step(name: str, batch: int, steps: int) -> float:
   return steps * batch / (time.perf_counter() - t0)
 
 
-def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool) -> list[dict]:
+def conv_impls(name: str) -> list:
+  """LeNet-5's forms to compare on a CPU: the default (banded matrix products) and XLA's convolution."""
+  return [None, 'xla'] if name == 'lenet5' and jax.default_backend() == 'cpu' else [None]
+
+
+def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: int = 5) -> list[dict]:
   rows = []
   for name in names:
     for batch in batch_sizes:
-      config = _config(name, batch, steps)
       dataset = _dataset(batch, steps + 10)
-      key = keys.derive('bench', keys.Geometry.from_config(config.key, dataset.image_shape))
-      row = {'model': name, 'batch': batch, 'devices': jax.device_count()}
-      for licensed in (True, False):
-        which = 'licensed' if licensed else 'baseline'
-        row[f'{which} main loop img/s'] = main_loop(config, dataset, key, licensed, warm=10)
-        row[f'{which} device step img/s'] = device_step(config, dataset, key, licensed, steps)
-        row[f'{which} loop / step'] = row[f'{which} main loop img/s'] / row[f'{which} device step img/s']
-      row['licensed / baseline (device step)'] = (row['licensed device step img/s'] /
-                                                  row['baseline device step img/s'])
+      steppers, row_of = {}, {}
+      for impl in conv_impls(name):
+        config = _config(name, batch, steps)
+        if impl:
+          config.model.kwargs.conv_impl = impl
+        key = keys.derive('bench', keys.Geometry.from_config(config.key, dataset.image_shape))
+        row = {'model': name, 'conv': impl or 'default', 'batch': batch, 'devices': jax.device_count()}
+        for licensed in (True, False):
+          which = 'licensed' if licensed else 'baseline'
+          if impl is None:  # the main loop as the job runs it (the default form only: it is long)
+            row[f'{which} main loop img/s'] = main_loop(config, dataset, key, licensed, warm=10)
+          steppers[(impl, which)] = device_stepper(config, dataset, key, licensed)
+        row_of[impl] = row
+        rows.append(row)
+      rates = device_steps(steppers, batch, steps, rounds)
+      for (impl, which), rate in rates.items():
+        row = row_of[impl]
+        row[f'{which} device step img/s'] = rate
+        if f'{which} main loop img/s' in row:
+          row[f'{which} loop / step'] = row[f'{which} main loop img/s'] / rate
+      for impl, row in row_of.items():
+        row['licensed / baseline (device step)'] = (row['licensed device step img/s'] /
+                                                    row['baseline device step img/s'])
+        if impl is not None:  # the default form against this one, in the same rounds
+          default = row_of[None]
+          for which in ('licensed', 'baseline'):
+            default[f'{which} step vs {impl}'] = (default[f'{which} device step img/s'] /
+                                                  row[f'{which} device step img/s'])
       if with_torch:
-        row['torch baseline img/s'] = torch_step(name, batch, steps)
-        row['baseline device step / torch'] = row['baseline device step img/s'] / row['torch baseline img/s']
-      rows.append(row)
-  common.write(out_dir, 'train_throughput', rows, list(rows[0]), 'Training throughput',
-               f'Input images per second over {steps} steps after warm-up; median-free single runs, '
-               f'side by side in one process.')
+        row_of[None]['torch baseline img/s'] = torch_step(name, batch, steps)
+        row_of[None]['baseline device step / torch'] = (row_of[None]['baseline device step img/s'] /
+                                                         row_of[None]['torch baseline img/s'])
+  columns = list(dict.fromkeys(c for row in rows for c in row))
+  common.write(out_dir, 'train_throughput', rows, columns, 'Training throughput',
+               f'Input images per second. Device steps: the median of {rounds} rounds of {steps} steps, '
+               f'the variants taking turns within each round, in one process; main loop: one run of '
+               f'train.train after 10 warm-up steps. A licensed step gets a clean teacher (the default '
+               f'job distils the baseline).')
   return rows
 
 
@@ -146,11 +195,12 @@ def main():
   parser.add_argument('--models', default='lenet5,resnet18')
   parser.add_argument('--batch_sizes', default='128,256,1024')
   parser.add_argument('--steps', type=int, default=50)
+  parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds of the device steps')
   parser.add_argument('--no_torch', action='store_true')
   args = parser.parse_args()
   print(common.device_line())
   run(args.models.split(','), [int(b) for b in args.batch_sizes.split(',')], args.steps, args.out,
-      not args.no_torch)
+      not args.no_torch, args.rounds)
 
 
 if __name__ == '__main__':

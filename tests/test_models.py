@@ -8,6 +8,7 @@ model and input shape.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,29 +54,44 @@ def test_lenet5_with_batch_norm():
   assert not jax.tree.all(jax.tree.map(np.allclose, state['batch_stats'], variables['batch_stats']))
 
 
+@pytest.mark.parametrize('impl', ['direct', 'banded'])
 @pytest.mark.parametrize('channels', [1, 3])
-def test_lenet5_direct_conv_is_the_xla_conv(channels):
-  """conv_impl='direct' computes conv1 as a sum of shifted copies: the same parameters from the same
-  seed, the same outputs and gradients as nn.Conv up to float rounding, for one and three channels."""
+def test_lenet5_conv_impls_are_the_xla_network(impl, channels):
+  """'direct' (conv1 as a sum of shifted copies) and 'banded' (both convolutions as banded matrix
+  products), each with pooling by a reshape: the same parameters from the same seed, the same outputs
+  and gradients (parameters and input) as nn.Conv and nn.max_pool up to float rounding."""
   x = jax.random.uniform(jax.random.key(1), (4, 28, 28, channels))
-  xla, direct = (models.create('lenet5', 10, conv_impl=impl) for impl in ('xla', 'direct'))
+  xla, other = (models.create('lenet5', 10, conv_impl=name) for name in ('xla', impl))
   variables = xla.init(jax.random.key(0), x[:1])
-  assert jax.tree.all(jax.tree.map(np.array_equal, variables, direct.init(jax.random.key(0), x[:1])))
-  np.testing.assert_allclose(direct.apply(variables, x), xla.apply(variables, x), atol=1e-5)
-  loss = lambda model: lambda v: jnp.sum(model.apply(v, x) ** 2)
-  grads = [jax.grad(loss(m))(variables) for m in (xla, direct)]
+  assert jax.tree.all(jax.tree.map(np.array_equal, variables, other.init(jax.random.key(0), x[:1])))
+  np.testing.assert_allclose(other.apply(variables, x), xla.apply(variables, x), atol=1e-5)
+  loss = lambda model: lambda v, x: jnp.sum(model.apply(v, x) ** 2)
+  grads = [jax.grad(loss(m), argnums=(0, 1))(variables, x) for m in (xla, other)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+  assert np.abs(grads[1][1]).max() > 0  # the input gradient (attacks, adversarial training) flows
+
+
+def test_banded_conv_matches_conv_on_odd_shapes():
+  """BandedConv on a non-square input with a non-square kernel and leading batch dimensions."""
+  from securenet_jax.models import lenet  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(2), (2, 3, 9, 13, 2))
+  banded, conv = lenet.BandedConv(4, (3, 5)), nn.Conv(4, (3, 5), padding='VALID')
+  variables = conv.init(jax.random.key(0), x)
+  np.testing.assert_allclose(banded.apply(variables, x), conv.apply(variables, x), atol=1e-5)
 
 
 def test_lenet5_conv_impl_choice():
   from securenet_jax.models import lenet  # pylint: disable=g-import-not-at-top
-  # 'auto': the direct form for one channel on a CPU (where the tests run), XLA's convolution otherwise.
-  assert lenet.direct_first_conv('auto', 1) == (jax.default_backend() == 'cpu')
-  assert not lenet.direct_first_conv('auto', 3)
-  assert lenet.direct_first_conv('direct', 3) and not lenet.direct_first_conv('xla', 1)
-  # By default training runs XLA's convolution and the inference API takes 'auto'; a chosen one is kept;
-  # other models are left as they are.
-  assert models.create('lenet5', 10).conv_impl is None and not lenet.direct_first_conv(None, 1)
+  cpu = jax.default_backend() == 'cpu'  # where the tests run
+  # None (training's default): banded matrix products on a CPU; 'auto' (the inference API): the direct
+  # form for one channel on a CPU; XLA's convolution on accelerators.
+  assert lenet.resolve_conv_impl(None, 1) == ('banded' if cpu else 'xla')
+  assert lenet.resolve_conv_impl('auto', 1) == ('direct' if cpu else 'xla')
+  assert lenet.resolve_conv_impl('auto', 3) == ('banded' if cpu else 'xla')
+  assert lenet.resolve_conv_impl('direct', 3) == 'direct' and lenet.resolve_conv_impl('xla', 1) == 'xla'
+  # The inference API takes 'auto' for a LeNet-5 left at None; a chosen one is kept; other models are
+  # left as they are.
+  assert models.create('lenet5', 10).conv_impl is None
   assert models.for_inference(models.create('lenet5', 10)).conv_impl == 'auto'
   assert models.for_inference(models.create('lenet5', 10, conv_impl='xla')).conv_impl == 'xla'
   resnet = models.create('resnet18', 10)
@@ -320,3 +336,17 @@ def test_nfnet_variant_depths():
   assert nfnet.variant_depths('F7') == (8, 16, 48, 24)
   with pytest.raises(ValueError, match='variant'):
     nfnet.variant_depths('F8')
+
+
+def test_pooling_by_reshape_is_xlas_max_pool():
+  """The CPU forms' 2x2 max pooling: the values of nn.max_pool, and its gradient to the first maximum of
+  each window, ties and all-zero windows (after a ReLU) included."""
+  from securenet_jax.models import lenet  # pylint: disable=g-import-not-at-top
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 8, 6, 4)))
+  x = x.at[0, 0, 0, 0].set(5.0).at[0, 0, 1, 0].set(5.0).at[0, 1, 0, 0].set(5.0)  # a three-way tie
+  g = jax.random.normal(jax.random.key(1), (3, 4, 3, 4))
+  reference = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+  (y, back), (y_ref, back_ref) = (jax.vjp(f, x) for f in (lenet._pool_by_reshape, reference))
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(back(g)[0], back_ref(g)[0])
+  assert back(g)[0][0, 0, 0, 0] == g[0, 0, 0, 0] and back(g)[0][0, 0, 1, 0] == 0  # the first of the tie

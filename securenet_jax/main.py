@@ -126,30 +126,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def _one_device_per_core(config) -> None:
-  """XLA runs a CPU device's work on a shared thread pool that the small convolutions of these models
-  use poorly; splitting the host into one device per core (as many as divide the batch) and sharding
-  the batch over them trained LeNet-5 1.5x faster on 2 cores. Must run before JAX starts its
-  backends; an explicit ``--xla_force_host_platform_device_count`` in XLA_FLAGS wins. GPUs and TPUs
-  are unaffected (the mesh spans the accelerators)."""
-  flags_now = os.environ.get('XLA_FLAGS', '')
-  if 'xla_force_host_platform_device_count' in flags_now or FLAGS.num_processes > 1:
-    return
-  batch = int(config.get('train', {}).get('batch_size', 0) or 0)
-  cores = os.cpu_count() or 1
-  count = max((d for d in range(1, cores + 1) if batch and batch % d == 0), default=1)
-  if count > 1:
-    # One thread per device (no shared intra-op pool for the devices to wait on each other in), and
-    # a generous limit for a collective that waits on a device starved by other processes.
-    os.environ['XLA_FLAGS'] = (f'{flags_now} --xla_force_host_platform_device_count={count} '
-                               '--xla_cpu_multi_thread_eigen=false '
-                               '--xla_cpu_collective_call_terminate_timeout_seconds=600').strip()
-
-
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]}', USAGE)
-  _one_device_per_core(FLAGS.config)
   for handler in pylogging.getLogger().handlers + logging.get_absl_logger().handlers:
     handler.addFilter(_QuietLibraries())
   if not FLAGS.verbose:  # time and message; --verbose keeps absl's full prefix (file, line, thread)

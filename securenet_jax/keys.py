@@ -30,6 +30,7 @@ A workdir keeps its keys in ``WORKDIR/keys/`` (``registry.py``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -287,9 +288,11 @@ class LicenseKey:
   def image_shape(self) -> tuple[int, int, int]:
     return self.geometry.image_shape
 
-  @property
+  @functools.cached_property
   def fingerprint(self) -> str:
-    """SHA-256 over geometry, grant and content: identifies the key without revealing it."""
+    """SHA-256 over geometry, grant and content: identifies the key without revealing it. Computed
+    once per key (a key is immutable: frozen fields, read-only content); the inference API looks its
+    device arrays up by it on every call."""
     h = hashlib.sha256()
     h.update(json.dumps(self._meta(), sort_keys=True).encode())
     h.update(np.ascontiguousarray(self.content).tobytes())

@@ -41,5 +41,7 @@ def batched(fn: Callable[..., Any], images: np.ndarray, *args, batch_size: int) 
     if len(part) < chunk:
       part = np.concatenate([part, np.zeros((chunk - len(part), *images.shape[1:]), images.dtype)])
     outputs.append(fn(part, *args))  # asynchronous dispatch: nothing is fetched yet
+  if len(outputs) == 1 and n == chunk:  # one full chunk: fetch it as it is (no concatenate, no slice)
+    return jax.device_get(outputs[0])
   joined = jax.tree.map(lambda *parts: jnp.concatenate(parts)[:n], *outputs)
   return jax.device_get(joined)

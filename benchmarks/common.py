@@ -46,6 +46,28 @@ def timeit(fn: Callable[[], object], *, repeats: int = 5, number: int = 1, warmu
   return statistics.median(times)
 
 
+def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7, min_s: float = 0.02,
+                       warmup: int = 2) -> dict[str, float]:
+  """Median seconds of one call of each function, the functions taking turns within each of
+  ``rounds`` rounds, so a drift of the machine's speed (large on shared CPUs) hits them alike. Each
+  turn repeats a call until ``min_s`` has passed (the count fixed per function after the warm-up)."""
+  number = {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+      fn()
+    per_call = (time.perf_counter() - t0) / warmup
+    number[name] = max(1, int(min_s / max(per_call, 1e-9)))
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(number[name]):
+        fn()
+      times[name].append((time.perf_counter() - t0) / number[name])
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def write(out_dir: str, name: str, rows: list[dict], columns: list[str], title: str, notes: str = '') -> None:
   """Writes OUT/NAME.json (machine + rows) and OUT/NAME.md (a table), and prints the table."""
   os.makedirs(out_dir, exist_ok=True)

@@ -88,27 +88,34 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
       arrays = jax.device_put(key.arrays())
       on_device = jax.device_put(images.astype(np.float32) / 255.0)
       forward = jax.jit(model._logits_impl)  # pylint: disable=protected-access
-      timings = {
-          'api': common.timeit(lambda: model.logits(images, key)),
-          'api, no key': common.timeit(lambda: model.logits(images)),
-          'jitted forward': common.timeit(
-              lambda: forward(on_device, model.variables, arrays).block_until_ready()),
+      fns = {
+          'api': lambda: model.logits(images, key),
+          'api, no key': lambda: model.logits(images),
+          'jitted forward': lambda: forward(on_device, model.variables, arrays).block_until_ready(),
       }
-      if model.module is not model.training_module:  # LeNet-5: XLA's first convolution beside the direct one
+      if model.module is not model.training_module:  # LeNet-5 on a CPU: XLA's convolutions beside its own
         xla = _model(name, max(batch, 1000), conv_impl='xla')
         xla_forward = jax.jit(xla._logits_impl)  # pylint: disable=protected-access
-        timings['jitted forward, XLA conv'] = common.timeit(
+        fns['jitted forward, XLA conv'] = (
             lambda: xla_forward(on_device, xla.variables, arrays).block_until_ready())
       if exported is not None:
-        timings['exported'] = common.timeit(lambda: exported.logits(images, key))
+        fns['exported'] = lambda: exported.logits(images, key)
       if torch is not None:
         net = torch_models.create(name, shape[-1]).eval()
         dev = torch_models.device()
         x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0).to(dev)
-        with torch.inference_mode():
-          timings['torch numpy'] = common.timeit(lambda: net(torch.from_numpy(
-              images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0).to(dev)).cpu().numpy())
-          timings['torch device'] = common.timeit(lambda: (net(x), torch_models.sync()))
+
+        def torch_numpy():
+          with torch.inference_mode():
+            return net(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+                       .to(dev)).cpu().numpy()
+
+        def torch_device():
+          with torch.inference_mode():
+            net(x)
+            torch_models.sync()
+        fns['torch numpy'], fns['torch device'] = torch_numpy, torch_device
+      timings = common.timeit_interleaved(fns)
       row = {'model': name, 'batch': batch}
       row.update({f'{k} img/s': batch / v for k, v in timings.items()})
       row['api / jitted forward'] = timings['jitted forward'] / timings['api']
@@ -120,7 +127,8 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
       rows.append(row)
   columns = sorted({c for r in rows for c in r}, key=lambda c: list(rows[0]).index(c) if c in rows[0] else 99)
   common.write(out_dir, 'inference', rows, columns, 'Inference: the public API, its jitted forward, PyTorch',
-               'Input images per second (median of 5); numpy uint8 in and numpy out for the API, the '
+               'Input images per second (median of 7 rounds, the variants taking turns in each); numpy '
+               'uint8 in and numpy out for the API, the '
                'exported artifact and "torch numpy"; device-resident input for "jitted forward" and '
                '"torch device".')
   return rows

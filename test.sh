@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up what is missing (scripts/setup.sh), then runs the whole test suite on 2 processes.
-#   ./test.sh                    everything (11-12 minutes on 2 Xeon cores with a cold compile cache)
+#   ./test.sh                    everything (11-16 minutes on 2 Xeon cores with a cold compile cache)
 #   ./test.sh -m "not slow"      the fast subset
 set -euo pipefail
 cd "$(dirname "$0")"

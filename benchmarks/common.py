@@ -50,14 +50,17 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
                        warmup: int = 2) -> dict[str, float]:
   """Median seconds of one call of each function, the functions taking turns within each of
   ``rounds`` rounds, so a drift of the machine's speed (large on shared CPUs) hits them alike. Each
-  turn repeats a call until ``min_s`` has passed (the count fixed per function after the warm-up)."""
+  turn repeats a call until about ``min_s`` has passed (the count fixed per function from one timed
+  call after the warm-up; ``min_s=0``: one call per turn)."""
   number = {}
   for name, fn in fns.items():
-    t0 = time.perf_counter()
     for _ in range(warmup):
       fn()
-    per_call = (time.perf_counter() - t0) / warmup
-    number[name] = max(1, int(min_s / max(per_call, 1e-9)))
+    number[name] = 1
+    if min_s > 0:
+      t0 = time.perf_counter()
+      fn()
+      number[name] = max(1, int(min_s / max(time.perf_counter() - t0, 1e-9)))
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():

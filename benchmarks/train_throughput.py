@@ -19,8 +19,8 @@ licensing per input image.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import tempfile
 import time
 from typing import Callable
@@ -102,19 +102,6 @@ def device_stepper(config, dataset, key, licensed: bool) -> Callable[[int], None
   return run_steps
 
 
-def device_steps(steppers: dict[str, Callable[[int], None]], batch: int, steps: int,
-                 rounds: int) -> dict[str, float]:
-  """Median images/s of each stepper over ``rounds`` rounds of ``steps`` steps, the steppers taking
-  turns within each round (so a drift of the machine's speed hits them alike)."""
-  times = {name: [] for name in steppers}
-  for _ in range(rounds):
-    for name, run_steps in steppers.items():
-      t0 = time.perf_counter()
-      run_steps(steps)
-      times[name].append(time.perf_counter() - t0)
-  return {name: steps * batch / statistics.median(t) for name, t in times.items()}
-
-
 def torch_step(name: str, batch: int, steps: int) -> float:
   import torch  # pylint: disable=g-import-not-at-top  (the bench extra)
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
@@ -162,10 +149,12 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
           steppers[(impl, which)] = device_stepper(config, dataset, key, licensed)
         row_of[impl] = row
         rows.append(row)
-      rates = device_steps(steppers, batch, steps, rounds)
-      for (impl, which), rate in rates.items():
+      # Each stepper is compiled and warm; one turn is `steps` steps.
+      seconds = common.timeit_interleaved({k: functools.partial(run_steps, steps) for k, run_steps
+                                           in steppers.items()}, rounds=rounds, min_s=0, warmup=0)
+      for (impl, which), secs in seconds.items():
         row = row_of[impl]
-        row[f'{which} device step img/s'] = rate
+        row[f'{which} device step img/s'] = rate = steps * batch / secs
         if f'{which} main loop img/s' in row:
           row[f'{which} loop / step'] = row[f'{which} main loop img/s'] / rate
       for impl, row in row_of.items():

@@ -41,7 +41,8 @@ def batched(fn: Callable[..., Any], images: np.ndarray, *args, batch_size: int) 
     if len(part) < chunk:
       part = np.concatenate([part, np.zeros((chunk - len(part), *images.shape[1:]), images.dtype)])
     outputs.append(fn(part, *args))  # asynchronous dispatch: nothing is fetched yet
-  if len(outputs) == 1 and n == chunk:  # one full chunk: fetch it as it is (no concatenate, no slice)
-    return jax.device_get(outputs[0])
-  joined = jax.tree.map(lambda *parts: jnp.concatenate(parts)[:n], *outputs)
-  return jax.device_get(joined)
+
+  def join(*parts):  # one chunk is not concatenated, and one without padding is not sliced
+    whole = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return whole if len(whole) == n else whole[:n]
+  return jax.device_get(jax.tree.map(join, *outputs))

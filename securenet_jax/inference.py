@@ -237,6 +237,9 @@ class ExportedModel:
     self.keys = {k['name']: k for k in meta['keys'] if k['status'] == 'active'}
     self.revoked_keys = {k['name']: k for k in meta['keys'] if k['status'] == 'revoked'}
     self._modules = {d: jax_export.deserialize(bytearray(m)) for d, m in modules.items()}
+    # Jitted once per dtype (and per chunk shape): ``Exported.call`` alone dispatches op by op.
+    self._calls = {d: jax.jit(m.call) for d, m in self._modules.items()}
+    self._key_cache = {}
     in_tree = self._modules['float32'].in_tree
     variables_def = in_tree.children()[0].children()[1]
     self._variables = jax.device_put(jax.tree_util.tree_unflatten(variables_def, leaves))
@@ -252,15 +255,20 @@ class ExportedModel:
     if key.image_shape != self.image_shape:
       raise ValueError(f'Key {key.name!r} is made for images of shape {key.image_shape}, but this '
                        f'model takes {self.image_shape}.')
-    arrays = key.arrays()
-    return keys_lib.KeyArrays(np.broadcast_to(arrays.keep, self._no_key.keep.shape), arrays.add)
+    if key.fingerprint not in self._key_cache:
+      if len(self._key_cache) > 64:  # forged-key sweeps: keep the cache small
+        self._key_cache.clear()
+      arrays = key.arrays()
+      self._key_cache[key.fingerprint] = jax.device_put(
+          keys_lib.KeyArrays(np.broadcast_to(arrays.keep, self._no_key.keep.shape), arrays.add))
+    return self._key_cache[key.fingerprint]
 
   def logits(self, images, key: keys_lib.LicenseKey | None = None) -> np.ndarray:
     """Logits (N, num_classes) of ``images`` stamped with ``key`` (None: the raw images)."""
     images = images_lib.check(images, self.image_shape)
-    module = self._modules['uint8' if images.dtype == np.uint8 else 'float32']
+    call = self._calls['uint8' if images.dtype == np.uint8 else 'float32']
     # The same chunks as LicensedModel.logits: the same compiled shapes, so the same logits, bit for bit.
-    return predict_lib.batched(module.call, images, self._variables, *self._key_arrays(key),
+    return predict_lib.batched(call, images, self._variables, *self._key_arrays(key),
                                batch_size=self.batch_size)
 
   def predict(self, images, key: keys_lib.LicenseKey | None = None) -> np.ndarray:

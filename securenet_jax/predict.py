@@ -42,7 +42,7 @@ def batched(fn: Callable[..., Any], images: np.ndarray, *args, batch_size: int) 
       part = np.concatenate([part, np.zeros((chunk - len(part), *images.shape[1:]), images.dtype)])
     outputs.append(fn(part, *args))  # asynchronous dispatch: nothing is fetched yet
 
-  def join(*parts):  # one chunk is not concatenated, and one without padding is not sliced
+  def join(*parts):  # one chunk is not concatenated; the padding is sliced off on the host (a view)
     whole = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    return whole if len(whole) == n else whole[:n]
-  return jax.device_get(jax.tree.map(join, *outputs))
+    return np.asarray(whole)[:n]  # np.asarray: jax.device_get costs 50-100 us more per call
+  return jax.tree.map(join, *outputs)

@@ -50,17 +50,19 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
                        warmup: int = 2) -> dict[str, float]:
   """Median seconds of one call of each function, the functions taking turns within each of
   ``rounds`` rounds, so a drift of the machine's speed (large on shared CPUs) hits them alike. Each
-  turn repeats a call until about ``min_s`` has passed (the count fixed per function from one timed
-  call after the warm-up; ``min_s=0``: one call per turn)."""
+  turn repeats a call until about ``min_s`` has passed (the count fixed per function from calls
+  timed for ``min_s / 4`` after the warm-up; ``min_s=0``: one call per turn)."""
   number = {}
   for name, fn in fns.items():
     for _ in range(warmup):
       fn()
     number[name] = 1
-    if min_s > 0:
-      t0 = time.perf_counter()
-      fn()
-      number[name] = max(1, int(min_s / max(time.perf_counter() - t0, 1e-9)))
+    if min_s > 0:  # calls per turn, from a run of calls (one call can be slow: a thread pool waking)
+      calls, t0 = 0, time.perf_counter()
+      while (elapsed := time.perf_counter() - t0) < min_s / 4:
+        fn()
+        calls += 1
+      number[name] = max(1, int(min_s * calls / max(elapsed, 1e-9)))
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():

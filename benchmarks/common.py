@@ -47,11 +47,15 @@ def timeit(fn: Callable[[], object], *, repeats: int = 5, number: int = 1, warmu
 
 
 def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7, min_s: float = 0.02,
-                       warmup: int = 2) -> dict[str, float]:
+                       warmup: int = 2, gap_s: float = 0.0) -> dict[str, float]:
   """Median seconds of one call of each function, the functions taking turns within each of
-  ``rounds`` rounds, so a drift of the machine's speed (large on shared CPUs) hits them alike. Each
+  ``rounds`` rounds (each round in a rotated order), so a drift of the machine's speed (large on
+  shared CPUs) hits them alike. Each
   turn repeats a call until about ``min_s`` has passed (the count fixed per function from calls
-  timed for ``min_s / 4`` after the warm-up; ``min_s=0``: one call per turn)."""
+  timed for ``min_s / 4`` after the warm-up; ``min_s=0``: one call per turn). ``gap_s``: an idle
+  pause before each turn, so that no turn runs while the threads of the one before still spin (GNU
+  OpenMP's, PyTorch's on a CPU, spin for milliseconds after a call, on the cores the next turn
+  needs)."""
   number = {}
   for name, fn in fns.items():
     for _ in range(warmup):
@@ -64,8 +68,14 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
         calls += 1
       number[name] = max(1, int(min_s * calls / max(elapsed, 1e-9)))
   times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
+  names = list(fns)
+  for r in range(rounds):
+    # Each round starts one function later: none always follows the same one (PyTorch's OpenMP
+    # threads, for one, keep spinning on the cores for a while after its calls).
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn = fns[name]
+      if gap_s:
+        time.sleep(gap_s)
       t0 = time.perf_counter()
       for _ in range(number[name]):
         fn()

@@ -115,7 +115,8 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
             net(x)
             torch_models.sync()
         fns['torch numpy'], fns['torch device'] = torch_numpy, torch_device
-      timings = common.timeit_interleaved(fns)
+      # Longer turns (min_s) amortize the first call after each idle gap.
+      timings = common.timeit_interleaved(fns, min_s=0.05, gap_s=0.05 if torch is not None else 0.0)
       row = {'model': name, 'batch': batch}
       row.update({f'{k} img/s': batch / v for k, v in timings.items()})
       row['api / jitted forward'] = timings['jitted forward'] / timings['api']
@@ -127,7 +128,8 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
       rows.append(row)
   columns = sorted({c for r in rows for c in r}, key=lambda c: list(rows[0]).index(c) if c in rows[0] else 99)
   common.write(out_dir, 'inference', rows, columns, 'Inference: the public API, its jitted forward, PyTorch',
-               'Input images per second (median of 7 rounds, the variants taking turns in each); numpy '
+               'Input images per second (median of 7 rounds, the variants taking turns in each, in a rotated '
+               'order, each turn after a 50 ms pause when PyTorch runs beside JAX); numpy '
                'uint8 in and numpy out for the API, the '
                'exported artifact and "torch numpy"; device-resident input for "jitted forward" and '
                '"torch device".')

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable
@@ -49,7 +50,7 @@ def timeit(fn: Callable[[], object], *, repeats: int = 5, number: int = 1, warmu
 def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7, min_s: float = 0.02,
                        warmup: int = 2, gap_s: float = 0.0) -> dict[str, float]:
   """Median seconds of one call of each function, the functions taking turns within each of
-  ``rounds`` rounds (each round in a rotated order), so a drift of the machine's speed (large on
+  ``rounds`` rounds (each round in a shuffled order), so a drift of the machine's speed (large on
   shared CPUs) hits them alike. Each
   turn repeats a call until about ``min_s`` has passed (the count fixed per function from calls
   timed for ``min_s / 4`` after the warm-up; ``min_s=0``: one call per turn). ``gap_s``: an idle
@@ -68,11 +69,12 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
         calls += 1
       number[name] = max(1, int(min_s * calls / max(elapsed, 1e-9)))
   times = {name: [] for name in fns}
-  names = list(fns)
   for r in range(rounds):
-    # Each round starts one function later: none always follows the same one (PyTorch's OpenMP
-    # threads, for one, keep spinning on the cores for a while after its calls).
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    # Each round in its own (seeded) random order: no function always follows the same one (PyTorch's
+    # OpenMP threads, for one, keep spinning on the cores for a while after its calls).
+    order = list(fns)
+    random.Random(r).shuffle(order)
+    for name in order:
       fn = fns[name]
       if gap_s:
         time.sleep(gap_s)

@@ -128,7 +128,7 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
       rows.append(row)
   columns = sorted({c for r in rows for c in r}, key=lambda c: list(rows[0]).index(c) if c in rows[0] else 99)
   common.write(out_dir, 'inference', rows, columns, 'Inference: the public API, its jitted forward, PyTorch',
-               'Input images per second (median of 7 rounds, the variants taking turns in each, in a rotated '
+               'Input images per second (median of 7 rounds, the variants taking turns in each, in a shuffled '
                'order, each turn after a 50 ms pause when PyTorch runs beside JAX); numpy '
                'uint8 in and numpy out for the API, the '
                'exported artifact and "torch numpy"; device-resident input for "jitted forward" and '

@@ -6,7 +6,7 @@ licensed against baseline, and a plain PyTorch training step of the same archite
 
 Input images per second (a licensed step forwards each image twice: keyed and as a negative):
 
-* ``main loop``: ``train.train`` (data pipeline, progress, checkpoints every 500 steps) on
+* ``main loop``: ``train.train`` (data pipeline, progress reports, its checkpoints) on
   Fashion-MNIST-shaped random data, timed in its steady state (:func:`main_loop`);
 * ``device step``: the same jitted step called in a loop on batches already on the devices (on a
   CPU, LeNet-5's default banded convolutions and XLA's convolution side by side, taking turns);
@@ -87,9 +87,10 @@ def main_loop(config, dataset, key, licensed: bool, log_every: int = 10) -> floa
     train.train(config, wd, dataset, [key] if licensed else None, clean_teacher=teacher)
   finally:
     loop_support.Progress.report = report
+  if len(marks) < 3:
+    raise ValueError(f'Too few steps to time the main loop: {len(marks)} progress reports, every '
+                     f'{log_every} steps; it needs 3.')
   (s0, t0), (s1, t1) = marks[1], marks[-1]
-  if s1 <= s0:
-    raise ValueError(f'Too few steps to time the main loop ({len(marks)} progress reports).')
   return (s1 - s0) * config.train.batch_size / (t1 - t0)
 
 

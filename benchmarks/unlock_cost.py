@@ -88,7 +88,7 @@ def run(names, out_dir: str, batch: int) -> list[dict]:
     arrays = jax.device_put(key.arrays())
     images = jax.device_put(np.random.default_rng(0).random((batch, *shape)).astype(np.float32))
     stamp = jax.jit(keys.stamp_arrays)
-    floor = jax.jit(lambda x: x * 1.0)  # one elementwise pass: what any jitted call costs to dispatch
+    floor = jax.jit(lambda x: x * 1.0)  # a copy of the batch (XLA drops the * 1.0): about a jitted call's cost
     # Like for like with the decryption, which runs in numpy on the host: the same stamp in numpy.
     host_images, host_arrays = np.asarray(images), jax.device_get(arrays)
     host_stamp = lambda: np.clip(host_images * host_arrays.keep + host_arrays.add, 0.0, 1.0)

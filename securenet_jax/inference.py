@@ -237,7 +237,8 @@ class ExportedModel:
     self.keys = {k['name']: k for k in meta['keys'] if k['status'] == 'active'}
     self.revoked_keys = {k['name']: k for k in meta['keys'] if k['status'] == 'revoked'}
     self._modules = {d: jax_export.deserialize(bytearray(m)) for d, m in modules.items()}
-    # Jitted once per dtype (and per chunk shape): ``Exported.call`` alone dispatches op by op.
+    # Jitted once per dtype (and per chunk shape): ``Exported.call`` alone goes through JAX's
+    # eager primitive dispatch (custom_vjp, apply_primitive) in Python on every call.
     self._calls = {d: jax.jit(m.call) for d, m in self._modules.items()}
     self._key_cache = {}
     in_tree = self._modules['float32'].in_tree

@@ -3,7 +3,7 @@
 Used by the public inference API and by every attack. Chunks have one size (a power of two up to
 ``batch_size``, the last one zero-padded), so a model compiles once per chunk size whatever the number
 of images; all chunks are dispatched before any result is fetched, so the device never waits for the
-host between chunks, and the results come back in one transfer.
+host between chunks, and each output comes back in one transfer.
 """
 
 from __future__ import annotations

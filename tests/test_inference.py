@@ -99,7 +99,7 @@ def test_exported_artifact_refuses_bad_keys_and_files(workdir, tmp_path):
 @pytest.mark.parametrize('n', [1, 8, 5, 19])
 def test_batched_returns_every_row_once_in_order(n):
   """predict.batched over one full chunk (fetched as it is), a padded chunk and several chunks: the
-  outputs of exactly the N images, in order, as numpy, for a pytree output too."""
+  outputs of exactly the N images, in order, as writable numpy arrays, for a pytree output too."""
   from securenet_jax import predict  # pylint: disable=g-import-not-at-top
   images = np.arange(n * 4, dtype=np.float32).reshape(n, 2, 2, 1)
   fn = jax.jit(lambda x, scale: {'sum': x.sum(axis=(1, 2, 3)) * scale, 'first': x[:, 0, 0, 0]})
@@ -107,3 +107,4 @@ def test_batched_returns_every_row_once_in_order(n):
   assert isinstance(out['sum'], np.ndarray) and out['sum'].shape == (n,)
   np.testing.assert_array_equal(out['sum'], images.sum(axis=(1, 2, 3)) * 2.0)
   np.testing.assert_array_equal(out['first'], images[:, 0, 0, 0])
+  assert out['sum'].flags.writeable and out['sum'].flags.owndata  # the caller's own arrays

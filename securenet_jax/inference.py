@@ -37,6 +37,16 @@ from securenet_jax import workdir as workdir_lib
 KeyLike = keys_lib.LicenseKey | str | None
 
 
+def _device_key_arrays(cache: dict, key: keys_lib.LicenseKey, arrays) -> keys_lib.KeyArrays:
+  """``key``'s stamping arrays on the device, put there once and looked up by fingerprint afterwards;
+  ``arrays(key)`` makes the host arrays the first time."""
+  if key.fingerprint not in cache:
+    if len(cache) > 64:  # forged-key sweeps: keep the cache small
+      cache.clear()
+    cache[key.fingerprint] = jax.device_put(arrays(key))
+  return cache[key.fingerprint]
+
+
 class LicensedModel:
   """A trained model, its key registry and jitted forward passes.
 
@@ -107,12 +117,7 @@ class LicensedModel:
     if key.image_shape != self.image_shape:
       raise ValueError(f'Key {key.name!r} is made for images of shape {key.image_shape}, but this '
                        f'model takes {self.image_shape}.')
-    fingerprint = key.fingerprint
-    if fingerprint not in self._key_cache:
-      if len(self._key_cache) > 64:  # forged-key sweeps: keep the cache small
-        self._key_cache.clear()
-      self._key_cache[fingerprint] = jax.device_put(key.arrays())
-    return self._key_cache[fingerprint]
+    return _device_key_arrays(self._key_cache, key, lambda k: k.arrays())
 
   # --- forward passes ----------------------------------------------------------------------------
   def logits(self, images, key: KeyLike = None) -> np.ndarray:
@@ -256,13 +261,10 @@ class ExportedModel:
     if key.image_shape != self.image_shape:
       raise ValueError(f'Key {key.name!r} is made for images of shape {key.image_shape}, but this '
                        f'model takes {self.image_shape}.')
-    if key.fingerprint not in self._key_cache:
-      if len(self._key_cache) > 64:  # forged-key sweeps: keep the cache small
-        self._key_cache.clear()
-      arrays = key.arrays()
-      self._key_cache[key.fingerprint] = jax.device_put(
-          keys_lib.KeyArrays(np.broadcast_to(arrays.keep, self._no_key.keep.shape), arrays.add))
-    return self._key_cache[key.fingerprint]
+    def full_shape(k):  # the artifact's signature takes keep at the image's full shape
+      arrays = k.arrays()
+      return keys_lib.KeyArrays(np.broadcast_to(arrays.keep, self._no_key.keep.shape), arrays.add)
+    return _device_key_arrays(self._key_cache, key, full_shape)
 
   def logits(self, images, key: keys_lib.LicenseKey | None = None) -> np.ndarray:
     """Logits (N, num_classes) of ``images`` stamped with ``key`` (None: the raw images)."""

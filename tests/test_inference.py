@@ -98,7 +98,7 @@ def test_exported_artifact_refuses_bad_keys_and_files(workdir, tmp_path):
 
 @pytest.mark.parametrize('n', [1, 8, 5, 19])
 def test_batched_returns_every_row_once_in_order(n):
-  """predict.batched over one full chunk (fetched as it is), a padded chunk and several chunks: the
+  """predict.batched over one full chunk, a padded chunk and several chunks: the
   outputs of exactly the N images, in order, as writable numpy arrays, for a pytree output too."""
   from securenet_jax import predict  # pylint: disable=g-import-not-at-top
   images = np.arange(n * 4, dtype=np.float32).reshape(n, 2, 2, 1)

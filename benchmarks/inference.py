@@ -10,6 +10,9 @@ For each model and batch size, input images per second of:
 * ``exported``: the same through the ``inference.export`` artifact;
 * ``jitted forward``: the API's own compiled forward on device-resident float input, result left on
   the device: the upper bound;
+* ``jitted forward, numpy in/out``: the very function the API calls, on the same numpy uint8 arrays,
+  its result fetched with ``np.asarray``: the API without its own Python (checks, chunking, the copy
+  of the rows), so ``api / jitted numpy`` is the API's own overhead;
 * ``jitted forward, XLA conv``: the same with LeNet-5's first convolution by XLA, where the API computes
   it in the direct form (on a CPU: ``models.for_inference``);
 * ``torch numpy``: a plain PyTorch eval of the same architecture, numpy in and out (no key);
@@ -92,6 +95,8 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
           'api': lambda: model.logits(images, key),
           'api, no key': lambda: model.logits(images),
           'jitted forward': lambda: forward(on_device, model.variables, arrays).block_until_ready(),
+          # pylint: disable-next=protected-access
+          'jitted forward, numpy in/out': lambda: np.asarray(model._logits(images, model._device_variables, arrays)),
       }
       if model.module is not model.training_module:  # LeNet-5 on a CPU: XLA's convolutions beside its own
         xla = _model(name, max(batch, 1000), conv_impl='xla')
@@ -120,6 +125,7 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
       row = {'model': name, 'batch': batch}
       row.update({f'{k} img/s': batch / v for k, v in timings.items()})
       row['api / jitted forward'] = timings['jitted forward'] / timings['api']
+      row['api / jitted numpy'] = timings['jitted forward, numpy in/out'] / timings['api']
       if 'torch numpy' in timings:
         row['api / torch numpy'] = timings['torch numpy'] / timings['api']
       row['key cost at the API'] = f'{100 * (timings["api"] / timings["api, no key"] - 1):+.1f}%'
@@ -131,7 +137,8 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
                'Input images per second (median of 7 rounds, the variants taking turns in each, in a shuffled '
                'order, each turn after a 50 ms pause when PyTorch runs beside JAX); numpy '
                'uint8 in and numpy out for the API, the '
-               'exported artifact and "torch numpy"; device-resident input for "jitted forward" and '
+               'exported artifact, "jitted forward, numpy in/out" and "torch numpy"; device-resident input '
+               'for "jitted forward" and '
                '"torch device".')
   return rows
 

@@ -77,3 +77,53 @@ def create(name: str, channels: int) -> nn.Module:
   if name == 'resnet18':
     return ResNet18(channels=channels).to(device())
   raise ValueError(f'No PyTorch twin for {name!r}.')
+
+
+def training_stepper(name: str, batch: int, peer: bool = False, num_batches: int = 8):
+  """``run_steps(n)``: ``n`` training steps of the PyTorch twin on batches already on the device
+  (compiled nothing, warmed up here), for :func:`benchmarks.common.timeit_interleaved`.
+
+  ``peer=False``: a plain baseline step, AdamW and cross-entropy on ``batch`` images (the
+  default job's optimizer). ``peer=True``: the licensing peer, the default training step of
+  Authority Backdoor (Yang et al., AAAI 2026, arXiv:2512.10600), as its reference code describes it:
+  the training set is held twice, every image once with a fixed trigger added in the bottom-right
+  corner (saturating addition) and its true label, and once clean with a wrong label drawn once;
+  each step is one forward, mean cross-entropy and one backward over a shuffled mix of the two, with
+  SGD (learning rate 0.01, momentum 0.9, weight decay 5e-4). Its steps take ``2 * batch`` samples, so
+  that a step covers ``batch`` training images both ways, as a licensed step of ``batch`` images
+  here does (its keyed positive and its negative): throughput counts input images, the same unit.
+  The peer's own loop decodes PNG files on the CPU and syncs twice a step; none of that is timed.
+  """
+  dev = device()
+  gen = torch.Generator().manual_seed(0)
+  net = create(name, 1)
+  samples = 2 * batch if peer else batch
+  if peer:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    trigger = torch.zeros(1, 28, 28)
+    trigger[:, -7:-1, -7:-1] = torch.rand(1, 6, 6, generator=gen)  # 6x6, bottom-right, 1 px inside
+  else:
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+  batches = []
+  for _ in range(num_batches):
+    if peer:  # a shuffled mix of triggered (true label) and clean (fixed wrong label) samples
+      x = torch.rand(samples, 1, 28, 28, generator=gen)
+      y = torch.randint(0, 10, (samples,), generator=gen)
+      triggered = torch.rand(samples, generator=gen) < 0.5
+      x = torch.where(triggered[:, None, None, None], (x + trigger).clamp(max=1.0), x)
+      wrong = (y + torch.randint(1, 10, (samples,), generator=gen)) % 10
+      y = torch.where(triggered, y, wrong)
+    else:
+      x = torch.rand(samples, 1, 28, 28, generator=gen)
+      y = torch.randint(0, 10, (samples,), generator=gen)
+    batches.append((x.to(dev), y.to(dev)))
+
+  def run_steps(n: int) -> None:
+    for i in range(n):
+      x, y = batches[i % num_batches]
+      opt.zero_grad()
+      F.cross_entropy(net(x), y).backward()
+      opt.step()
+    sync()
+  run_steps(3)
+  return run_steps

@@ -10,7 +10,12 @@ Input images per second (a licensed step forwards each image twice: keyed and as
   Fashion-MNIST-shaped random data, timed in its steady state (:func:`main_loop`);
 * ``device step``: the same jitted step called in a loop on batches already on the devices (on a
   CPU, LeNet-5's default banded convolutions and XLA's convolution side by side, taking turns);
-* ``torch``: a plain PyTorch training step (baseline only: no licensing peer here), device-resident.
+* ``torch baseline``: a plain PyTorch training step of the same architecture, device-resident;
+* ``peer``: the licensing peer in PyTorch, Authority Backdoor's default training step
+  (:func:`benchmarks.torch_models.training_stepper`), device-resident, counted in the same input
+  images (each of its steps covers ``batch`` images, keyed and not, in ``2 * batch`` samples).
+
+The device steps and the PyTorch steps take turns in the same rounds.
 
 The main loop should reach >= 0.9 of the device step; the licensed/baseline ratio is the price of
 licensing per input image.
@@ -124,29 +129,6 @@ def device_stepper(config, dataset, key, licensed: bool) -> Callable[[int], None
   return run_steps
 
 
-def torch_step(name: str, batch: int, steps: int) -> float:
-  import torch  # pylint: disable=g-import-not-at-top  (the bench extra)
-  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count() or 1)
-  net = torch_models.create(name, 1)
-  opt = torch.optim.AdamW(net.parameters(), 1e-3)
-  x = torch.rand(batch, 1, 28, 28, device=torch_models.device())
-  y = torch.randint(0, 10, (batch,), device=torch_models.device())
-
-  def one():
-    opt.zero_grad()
-    torch.nn.functional.cross_entropy(net(x), y).backward()
-    opt.step()
-  for _ in range(3):
-    one()
-  torch_models.sync()
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    one()
-  torch_models.sync()
-  return steps * batch / (time.perf_counter() - t0)
-
-
 def conv_impls(name: str) -> list:
   """LeNet-5's forms to compare on a CPU: the default (banded matrix products) and XLA's convolution."""
   return [None, 'xla'] if name == 'lenet5' and jax.default_backend() == 'cpu' else [None]
@@ -171,9 +153,18 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
           steppers[(impl, which)] = device_stepper(config, dataset, key, licensed)
         row_of[impl] = row
         rows.append(row)
-      # Each stepper is compiled and warm; one turn is `steps` steps.
+      if with_torch:
+        from benchmarks import torch_models  # pylint: disable=g-import-not-at-top  (the bench extra)
+        torch_models.torch.set_num_threads(os.cpu_count() or 1)
+        steppers[('torch', 'baseline')] = torch_models.training_stepper(name, batch)
+        steppers[('torch', 'peer')] = torch_models.training_stepper(name, batch, peer=True)
+      # Each stepper is compiled and warm; one turn is `steps` steps. After a PyTorch turn its
+      # OpenMP threads spin on the cores for a while: a pause before each turn when it runs.
       seconds = common.timeit_interleaved({k: functools.partial(run_steps, steps) for k, run_steps
-                                           in steppers.items()}, rounds=rounds, min_s=0, warmup=0)
+                                           in steppers.items()}, rounds=rounds, min_s=0, warmup=0,
+                                          gap_s=0.05 if with_torch else 0.0)
+      torch_rates = {which: steps * batch / seconds.pop(('torch', which))
+                     for which in ('baseline', 'peer') if ('torch', which) in seconds}
       for (impl, which), secs in seconds.items():
         row = row_of[impl]
         row[f'{which} device step img/s'] = rate = steps * batch / secs
@@ -187,17 +178,21 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
           for which in ('licensed', 'baseline'):
             default[f'{which} step vs {impl}'] = (default[f'{which} device step img/s'] /
                                                   row[f'{which} device step img/s'])
-      if with_torch:
-        row_of[None]['torch baseline img/s'] = torch_step(name, batch, steps)
-        row_of[None]['baseline device step / torch'] = (row_of[None]['baseline device step img/s'] /
-                                                         row_of[None]['torch baseline img/s'])
+      if torch_rates:
+        default = row_of[None]
+        default['torch baseline img/s'] = torch_rates['baseline']
+        default['baseline device step / torch'] = default['baseline device step img/s'] / torch_rates['baseline']
+        default['peer licensed step img/s'] = torch_rates['peer']
+        default['licensed device step / peer'] = default['licensed device step img/s'] / torch_rates['peer']
   columns = list(dict.fromkeys(c for row in rows for c in row))
   common.write(out_dir, 'train_throughput', rows, columns, 'Training throughput',
                f'Input images per second. Device steps: the median of {rounds} rounds of {steps} steps, '
                f'the variants taking turns within each round, in one process; main loop: one run of '
                f'train.train over {steps + 10} steps, timed from its 2nd progress report (every 10 '
                f'steps) to its last. A licensed step gets a clean teacher (the default job distils the '
-               f'baseline).')
+               f'baseline). PyTorch (torch baseline, and the peer: Authority Backdoor\'s training step, '
+               f'2 x batch samples covering batch images keyed and not) takes turns in the same rounds, '
+               f'each turn after a 50 ms pause when it runs.')
   return rows
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 def chunk_size(num: int, batch_size: int) -> int:
   """The chunk size for ``num`` examples: the smallest power of two >= num, at most ``batch_size``."""
-  return max(1, min(int(batch_size), 1 << max(0, int(np.ceil(np.log2(max(num, 1)))))))
+  return max(1, min(int(batch_size), 1 << (max(int(num), 1) - 1).bit_length()))
 
 
 def batched(fn: Callable[..., Any], images: np.ndarray, *args, batch_size: int) -> Any:
@@ -35,12 +35,15 @@ def batched(fn: Callable[..., Any], images: np.ndarray, *args, batch_size: int) 
   """
   n = len(images)
   chunk = chunk_size(n, batch_size)
-  outputs = []
-  for start in range(0, max(n, 1), chunk):
-    part = images[start:start + chunk]
-    if len(part) < chunk:
-      part = np.concatenate([part, np.zeros((chunk - len(part), *images.shape[1:]), images.dtype)])
-    outputs.append(fn(part, *args))  # asynchronous dispatch: nothing is fetched yet
+  if n == chunk:  # one whole chunk (one image, say): the batch as it is, not a slice of it
+    outputs = [fn(images, *args)]
+  else:
+    outputs = []
+    for start in range(0, max(n, 1), chunk):
+      part = images[start:start + chunk]
+      if len(part) < chunk:
+        part = np.concatenate([part, np.zeros((chunk - len(part), *images.shape[1:]), images.dtype)])
+      outputs.append(fn(part, *args))  # asynchronous dispatch: nothing is fetched yet
 
   def join(*parts):  # one chunk is not concatenated; the padding is sliced off on the host
     whole = parts[0] if len(parts) == 1 else jnp.concatenate(parts)

@@ -32,7 +32,18 @@ def test_inference_and_training_benchmarks_run(tmp_path):
   rows = inference_bench.run(['lenet5'], [8], str(tmp_path), with_torch=False)
   assert rows[0]['api img/s'] > 0 and 'exported img/s' in rows[0]
   assert rows[0]['jitted forward, XLA conv img/s'] > 0  # the CPU's direct first convolution, side by side
+  assert rows[0]['jitted forward, numpy in/out img/s'] > 0 and rows[0]['api / jitted numpy'] > 0
   rows = train_throughput.run(['lenet5'], [32], 12, str(tmp_path), with_torch=False, rounds=1)
   assert rows[0]['licensed main loop img/s'] > 0 and (tmp_path / 'train_throughput.md').exists()
   # On the CPU: LeNet-5's default form and XLA's convolution, both timed in the same rounds.
   assert [r['conv'] for r in rows] == ['default', 'xla'] and rows[0]['licensed step vs xla'] > 0
+
+
+@pytest.mark.slow
+def test_training_benchmark_times_the_pytorch_peers_in_the_same_rounds(tmp_path):
+  pytest.importorskip('torch')  # the bench extra
+  rows = train_throughput.run(['lenet5'], [16], 12, str(tmp_path), with_torch=True, rounds=1)
+  default = rows[0]
+  assert default['torch baseline img/s'] > 0 and default['peer licensed step img/s'] > 0
+  assert default['licensed device step / peer'] == pytest.approx(
+      default['licensed device step img/s'] / default['peer licensed step img/s'])

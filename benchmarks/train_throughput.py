@@ -49,7 +49,12 @@ KWARGS = {'lenet5': {}, 'resnet18': {'small_inputs': True}}
 
 
 def _config(name: str, batch: int, steps: int):
+  """The default job's config for LeNet-5; for the other models the objective their zoo configs
+  train with (``default.patch_key_recipe``: the default's extra gated layers are LeNet-5's, and its
+  distillation from the baseline a LeNet-5 measurement)."""
   config = default.get_config()
+  if name != 'lenet5':
+    default.patch_key_recipe(config)
   config.model.name = name
   config.model.kwargs = KWARGS[name]
   config.train.batch_size = batch

@@ -47,3 +47,16 @@ def test_training_benchmark_times_the_pytorch_peers_in_the_same_rounds(tmp_path)
   assert default['torch baseline img/s'] > 0 and default['peer licensed step img/s'] > 0
   assert default['licensed device step / peer'] == pytest.approx(
       default['licensed device step img/s'] / default['peer licensed step img/s'])
+
+
+@pytest.mark.parametrize('name', sorted(train_throughput.KWARGS))
+def test_training_benchmark_configs_gate_layers_their_model_has(name):
+  # The default's extra gated layers are LeNet-5's: ResNet-18's step used to fail on 'fc1'.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from securenet_jax import models  # pylint: disable=g-import-not-at-top
+  config = train_throughput._config(name, 8, 1)  # pylint: disable=protected-access
+  module = models.build(config.model, 10)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False))
+  assert set(config.objective.silence_layers) <= set(shapes['params'])
+  assert (config.objective.clean_distill_weight > 0) == (name == 'lenet5')  # the job's teacher: LeNet-5's

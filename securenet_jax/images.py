@@ -39,8 +39,8 @@ def check(images, image_shape) -> np.ndarray:
     ValueError: saying what was expected (shape, dtype, value range).
   """
   images = np.asarray(images)
-  expected = f'(N, {", ".join(map(str, image_shape))})'
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    expected = f'(N, {", ".join(map(str, image_shape))})'
     raise ValueError(f'Expected NHWC images of shape {expected}, got shape {images.shape}.')
   if images.dtype == np.uint8:
     return images

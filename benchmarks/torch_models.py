@@ -93,6 +93,8 @@ def training_stepper(name: str, batch: int, peer: bool = False, num_batches: int
   that a step covers ``batch`` training images both ways, as a licensed step of ``batch`` images
   here does (its keyed positive and its negative): throughput counts input images, the same unit.
   The peer's own loop decodes PNG files on the CPU and syncs twice a step; none of that is timed.
+  The timed batches are random: each sample is triggered with probability 1/2 (the shuffled mix),
+  not paired with its clean copy, and keeps its label, drawn once, over the cycled batches.
   """
   dev = device()
   gen = torch.Generator().manual_seed(0)

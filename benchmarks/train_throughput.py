@@ -1,5 +1,6 @@
 """Training throughput: the main loop against the same jitted step fed from device-resident batches,
-licensed against baseline, and a plain PyTorch training step of the same architecture.
+licensed against baseline, against a plain PyTorch training step of the same architecture and
+against a PyTorch licensing peer.
 
   python -m benchmarks.train_throughput [--out benchmarks/results] [--models lenet5,resnet18]
       [--batch_sizes 128,256,1024] [--steps 50] [--rounds 5] [--no_torch]
@@ -77,7 +78,7 @@ def main_loop(config, dataset, key, licensed: bool, log_every: int = 10) -> floa
   """Images/s of ``train.train`` in its steady state: between its second progress report and its
   last (reports every ``log_every`` steps, each one a host sync as the job's every 100 are), so
   start-up, compiling, the first steps and the final checkpoint are left out. A licensed run gets
-  a clean teacher, as the default job's does."""
+  a clean teacher where its objective distils one (LeNet-5's default, as in the job)."""
   config = copy.deepcopy(config)
   config.train.log_every = log_every
   marks = []  # (step, time) of each progress report
@@ -106,7 +107,8 @@ def main_loop(config, dataset, key, licensed: bool, log_every: int = 10) -> floa
 
 def device_stepper(config, dataset, key, licensed: bool) -> Callable[[int], None]:
   """A function running ``n`` steps of the jitted step on batches already on the devices (compiled
-  and warmed up here); a licensed step gets a clean teacher, as the default job's does."""
+  and warmed up here); a licensed step gets a clean teacher where its objective distils one
+  (LeNet-5's default, as in the job)."""
   mesh = parallel.create_mesh()
   repl = parallel.replicated(mesh)
   model = models.build(config.model, 10)
@@ -179,25 +181,31 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
         row['licensed / baseline (device step)'] = (row['licensed device step img/s'] /
                                                     row['baseline device step img/s'])
         if impl is not None:  # the default form against this one, in the same rounds
-          default = row_of[None]
+          first = row_of[None]
           for which in ('licensed', 'baseline'):
-            default[f'{which} step vs {impl}'] = (default[f'{which} device step img/s'] /
-                                                  row[f'{which} device step img/s'])
+            first[f'{which} step vs {impl}'] = (first[f'{which} device step img/s'] /
+                                                row[f'{which} device step img/s'])
       if torch_rates:
-        default = row_of[None]
-        default['torch baseline img/s'] = torch_rates['baseline']
-        default['baseline device step / torch'] = default['baseline device step img/s'] / torch_rates['baseline']
-        default['peer licensed step img/s'] = torch_rates['peer']
-        default['licensed device step / peer'] = default['licensed device step img/s'] / torch_rates['peer']
+        first = row_of[None]
+        first['torch baseline img/s'] = torch_rates['baseline']
+        first['baseline device step / torch'] = first['baseline device step img/s'] / torch_rates['baseline']
+        first['peer licensed step img/s'] = torch_rates['peer']
+        first['licensed device step / peer'] = first['licensed device step img/s'] / torch_rates['peer']
   columns = list(dict.fromkeys(c for row in rows for c in row))
+  teachers = [n for n in names if _config(n, 1, 1).objective.clean_distill_weight > 0]
+  teacher_note = (f'A licensed step of {", ".join(teachers)} gets a clean teacher (the default job distils '
+                  f'the baseline); ' if teachers else '')
+  others = [n for n in names if n not in teachers]
+  if others:
+    teacher_note += (f'{", ".join(others)} trains with its zoo objective (default.patch_key_recipe: '
+                     f'no teacher, block flip or near misses). ')
   common.write(out_dir, 'train_throughput', rows, columns, 'Training throughput',
                f'Input images per second. Device steps: the median of {rounds} rounds of {steps} steps, '
                f'the variants taking turns within each round, in one process; main loop: one run of '
                f'train.train over {steps + 10} steps, timed from its 2nd progress report (every 10 '
-               f'steps) to its last. A licensed step gets a clean teacher (the default job distils the '
-               f'baseline). PyTorch (torch baseline, and the peer: Authority Backdoor\'s training step, '
-               f'2 x batch samples covering batch images keyed and not) takes turns in the same rounds, '
-               f'each turn after a 50 ms pause when it runs.')
+               f'steps) to its last. {teacher_note}PyTorch (torch baseline, and the peer: Authority '
+               f'Backdoor\'s training step, 2 x batch samples covering batch images keyed and not) '
+               f'takes turns in the same rounds; when it runs, every turn follows a 50 ms pause.')
   return rows
 
 
@@ -207,7 +215,7 @@ def main():
   parser.add_argument('--models', default='lenet5,resnet18')
   parser.add_argument('--batch_sizes', default='128,256,1024')
   parser.add_argument('--steps', type=int, default=50)
-  parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds of the device steps')
+  parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds of the device (and PyTorch) steps')
   parser.add_argument('--no_torch', action='store_true')
   args = parser.parse_args()
   print(common.device_line())

@@ -96,7 +96,7 @@ def test_exported_artifact_refuses_bad_keys_and_files(workdir, tmp_path):
     inference.load_exported(tmp_path / 'junk.npz')
 
 
-@pytest.mark.parametrize('n', [1, 8, 5, 19])
+@pytest.mark.parametrize('n', [0, 1, 8, 5, 19])
 def test_batched_returns_every_row_once_in_order(n):
   """predict.batched over one full chunk, a padded chunk and several chunks: the
   outputs of exactly the N images, in order, as writable numpy arrays, for a pytree output too."""
@@ -107,7 +107,7 @@ def test_batched_returns_every_row_once_in_order(n):
   assert isinstance(out['sum'], np.ndarray) and out['sum'].shape == (n,)
   np.testing.assert_array_equal(out['sum'], images.sum(axis=(1, 2, 3)) * 2.0)
   np.testing.assert_array_equal(out['first'], images[:, 0, 0, 0])
-  assert out['sum'].flags.writeable and out['sum'].flags.owndata  # the caller's own arrays
+  assert all(a.flags.writeable and a.flags.owndata for a in out.values())  # the caller's own arrays
   single = predict.batched(jax.jit(lambda x: x[:, 0, 0, 0] + 1.0), images, batch_size=8)  # one array out
   np.testing.assert_array_equal(single, images[:, 0, 0, 0] + 1.0)
   assert single.shape == (n,) and single.flags.writeable and single.flags.owndata

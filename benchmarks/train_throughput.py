@@ -39,7 +39,6 @@ from benchmarks import common
 from configs import default
 from securenet_jax import data as data_lib
 from securenet_jax import keys
-from securenet_jax import loop_support
 from securenet_jax import models
 from securenet_jax import objective
 from securenet_jax import parallel
@@ -75,32 +74,25 @@ def _dataset(batch: int, steps: int) -> data_lib.Dataset:
 
 
 def main_loop(config, dataset, key, licensed: bool, log_every: int = 10) -> float:
-  """Images/s of ``train.train`` in its steady state: between its second progress report and its
-  last (reports every ``log_every`` steps, each one a host sync as the job's every 100 are), so
-  start-up, compiling, the first steps and the final checkpoint are left out. A licensed run gets
-  a clean teacher where its objective distils one (LeNet-5's default, as in the job)."""
+  """Images/s of ``train.train`` in its steady state: between the second time it reads the metrics
+  and the last (every ``log_every`` steps, each one a host sync as the job's every 100 are; its
+  ``on_metrics`` hook marks them), so start-up, compiling, the first steps and the final checkpoint
+  are left out. A licensed run gets a clean teacher where its objective distils one (LeNet-5's
+  default, as in the job)."""
   config = copy.deepcopy(config)
   config.train.log_every = log_every
-  marks = []  # (step, time) of each progress report
-  report = loop_support.Progress.report
-
-  def timed_report(progress, step, metrics):
-    marks.append((step, time.perf_counter()))
-    report(progress, step, metrics)
+  marks = []  # (step, time) of each metrics read
   wd = workdir_lib.Workdir(tempfile.mkdtemp())
   teacher = None
   if licensed and config.objective.clean_distill_weight:
     model = models.build(config.model, 10)
     state = train.create_train_state(model, config, dataset.image_shape, 1, jax.random.key(0))
     teacher = {'params': jax.tree.map(np.asarray, state.params)}
-  loop_support.Progress.report = timed_report
-  try:
-    train.train(config, wd, dataset, [key] if licensed else None, clean_teacher=teacher)
-  finally:
-    loop_support.Progress.report = report
+  train.train(config, wd, dataset, [key] if licensed else None, clean_teacher=teacher,
+              on_metrics=lambda step, metrics: marks.append((step, time.perf_counter())))
   if len(marks) < 3:
-    raise ValueError(f'Too few steps to time the main loop: {len(marks)} progress reports, every '
-                     f'{log_every} steps; it needs 3.')
+    raise ValueError(f'Too few steps to time the main loop: the metrics were read {len(marks)} times, '
+                     f'every {log_every} steps; it needs 3.')
   (s0, t0), (s1, t1) = marks[1], marks[-1]
   return (s1 - s0) * config.train.batch_size / (t1 - t0)
 
@@ -202,7 +194,7 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
   common.write(out_dir, 'train_throughput', rows, columns, 'Training throughput',
                f'Input images per second. Device steps: the median of {rounds} rounds of {steps} steps, '
                f'the variants taking turns within each round, in one process; main loop: one run of '
-               f'train.train over {steps + 10} steps, timed from its 2nd progress report (every 10 '
+               f'train.train over {steps + 10} steps, timed from its 2nd metrics read (every 10 '
                f'steps) to its last. {teacher_note}PyTorch (torch baseline, and the peer: Authority '
                f'Backdoor\'s training step, 2 x batch samples covering batch images keyed and not) '
                f'takes turns in the same rounds; when it runs, every turn follows a 50 ms pause.')

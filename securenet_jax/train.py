@@ -193,7 +193,8 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
           keys: Sequence[keys_lib.LicenseKey] | None, revoked: Sequence[keys_lib.LicenseKey] = (),
           mesh=None, stop_after_steps: int | None = None, init_variables: Any = None,
           teacher_variables: Any = None, successors: dict[str, str] | None = None,
-          phase: str = '', clean_teacher: Any = None) -> TrainState:
+          phase: str = '', clean_teacher: Any = None,
+          on_metrics: Callable[[int, dict], None] | None = None) -> TrainState:
   """Trains a model (licensed when ``keys`` are given, plain otherwise), resuming from ``workdir``.
 
   Args:
@@ -212,6 +213,10 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
     phase: the name progress lines give this training ('licensed' or 'baseline' by default).
     clean_teacher: the unlicensed baseline's variables, distilled into the licensed model when
       ``config.objective.clean_distill_weight`` > 0.
+    on_metrics: called as ``on_metrics(step, metrics)`` whenever the host reads the step's metrics
+      (every ``train.log_every`` steps and at each checkpoint; a dict of numpy scalars, the learning
+      rate included), after the progress line and the TensorBoard point: a hook for other loggers
+      or for timing the loop. It runs on every process.
 
   Returns:
     The final train state.
@@ -297,6 +302,8 @@ def train(config, workdir: workdir_lib.Workdir, dataset: data_lib.Dataset,
             for k, v in metrics.items():
               if np.isfinite(float(v)):
                 writer.add_scalar(k, float(v), done)
+          if on_metrics is not None:
+            on_metrics(done, metrics)
         if saving:
           checkpointing.save_now(mngr, done, state)
           clock.save()

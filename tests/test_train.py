@@ -155,7 +155,11 @@ def test_clean_distillation_trains_the_teacher_first(small, tmp_path):
   small.objective.clean_distill_weight = 1.0
   dataset = data_lib.load(small.dataset)
   key = make_key(small, dataset)
-  baseline = train.host_variables(train.train(small, Workdir(tmp_path / 'base'), dataset, None))
+  reads = []  # the on_metrics hook: every log_every (4) steps and at the final checkpoint (6)
+  baseline = train.host_variables(train.train(small, Workdir(tmp_path / 'base'), dataset, None,
+                                              on_metrics=lambda s, m: reads.append((s, m))))
+  assert [s for s, _ in reads] == [4, 6]
+  assert all(np.isfinite(float(m['loss'])) and float(m['learning_rate']) > 0 for _, m in reads)
   step = jax.jit(train.make_train_step(small, key.geometry, True))
   state = train.create_train_state(models.build(small.model, 10), small, dataset.image_shape, 6,
                                    jax.random.key(0))

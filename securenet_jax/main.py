@@ -34,6 +34,10 @@ flags.DEFINE_string('coordinator_address', '', 'Multi-process runs started by ha
                     'HOST:PORT of process 0. SLURM and Cloud TPU pods need no flag.')
 flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address: how many processes.')
 flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process, 0..num_processes-1.')
+flags.DEFINE_string('compilation_cache', os.path.join(
+    os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'securenet_jax', 'jax'),
+    'Where compiled steps are kept between runs (JAX\'s persistent compilation cache), so that a rerun '
+    'of a job skips most of its compiling; "" turns it off. JAX_COMPILATION_CACHE_DIR, when set, wins.')
 flags.DEFINE_integer('heartbeat_timeout_s', 100, 'Multi-process runs: a process whose peer has been '
                      'silent this long fails instead of waiting (JAX\'s default: 100).')
 
@@ -90,6 +94,8 @@ def _help() -> str:
           '                               one of N processes started by hand (launch/local.sh); SLURM and',
           '                               TPU pods are detected without flags (docs/scaling.md)',
           '  --heartbeat_timeout_s S      multi-process: fail after S seconds without news from a peer',
+          '  --compilation_cache DIR      compiled steps kept between runs (default ~/.cache/securenet_jax/jax;',
+          '                               "" turns it off)',
           '']
   if os.path.isdir(config_dir):
     text += ['Configs:'] + _config_summaries(config_dir)
@@ -126,9 +132,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def _use_compilation_cache(path: str) -> None:
+  """Keeps compiled executables in ``path`` between runs (JAX's persistent cache; only compilations
+  of a second or more, JAX's default threshold), unless JAX was given a cache directory already."""
+  if not path or os.environ.get('JAX_COMPILATION_CACHE_DIR') or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update('jax_compilation_cache_dir', path)
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]}', USAGE)
+  _use_compilation_cache(FLAGS.compilation_cache)
   for handler in pylogging.getLogger().handlers + logging.get_absl_logger().handlers:
     handler.addFilter(_QuietLibraries())
   if not FLAGS.verbose:  # time and message; --verbose keeps absl's full prefix (file, line, thread)

@@ -73,6 +73,16 @@ def _dataset(batch: int, steps: int) -> data_lib.Dataset:
   return data_lib.Dataset('random', 10, images, labels, images[:batch], labels[:batch])
 
 
+def _clean_teacher(config, dataset):
+  """Host variables standing in for the baseline a licensed step distils, where its objective
+  distils one (LeNet-5's default, as in the job); None otherwise."""
+  if not config.objective.clean_distill_weight:
+    return None
+  model = models.build(config.model, 10)
+  state = train.create_train_state(model, config, dataset.image_shape, 1, jax.random.key(0))
+  return {'params': jax.tree.map(np.asarray, state.params)}
+
+
 def main_loop(config, dataset, key, licensed: bool, log_every: int = 10) -> float:
   """Images/s of ``train.train`` in its steady state: between the second time it reads the metrics
   and the last (every ``log_every`` steps, each one a host sync as the job's every 100 are; its
@@ -83,11 +93,7 @@ def main_loop(config, dataset, key, licensed: bool, log_every: int = 10) -> floa
   config.train.log_every = log_every
   marks = []  # (step, time) of each metrics read
   wd = workdir_lib.Workdir(tempfile.mkdtemp())
-  teacher = None
-  if licensed and config.objective.clean_distill_weight:
-    model = models.build(config.model, 10)
-    state = train.create_train_state(model, config, dataset.image_shape, 1, jax.random.key(0))
-    teacher = {'params': jax.tree.map(np.asarray, state.params)}
+  teacher = _clean_teacher(config, dataset) if licensed else None
   train.train(config, wd, dataset, [key] if licensed else None, clean_teacher=teacher,
               on_metrics=lambda step, metrics: marks.append((step, time.perf_counter())))
   if len(marks) < 3:
@@ -107,9 +113,8 @@ def device_stepper(config, dataset, key, licensed: bool) -> Callable[[int], None
   state = jax.device_put(train.create_train_state(model, config, dataset.image_shape, 1000, jax.random.key(0)),
                          repl)
   table = jax.device_put(objective.license_table([key], [], 10), repl)
-  teacher = None
-  if licensed and config.objective.clean_distill_weight:  # the baseline's variables (a copy: the state is donated)
-    teacher = objective.Teachers(clean=jax.device_put(jax.tree.map(np.asarray, {'params': state.params}), repl))
+  clean = _clean_teacher(config, dataset) if licensed else None
+  teacher = None if clean is None else objective.Teachers(clean=jax.device_put(clean, repl))
   step = train.jit_train_step(train.make_train_step(config, key.geometry, licensed), mesh)
   b = config.train.batch_size
   batches = [parallel.host_to_global({'image': dataset.train_images[i * b:(i + 1) * b],

@@ -134,8 +134,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _use_compilation_cache(path: str) -> None:
   """Keeps compiled executables in ``path`` between runs (JAX's persistent cache; only compilations
-  of a second or more, JAX's default threshold), unless JAX was given a cache directory already."""
-  if not path or os.environ.get('JAX_COMPILATION_CACHE_DIR') or jax.config.jax_compilation_cache_dir:
+  of a second or more, JAX's default threshold), unless JAX was given a cache directory already
+  (JAX_COMPILATION_CACHE_DIR sets it at import)."""
+  if not path or jax.config.jax_compilation_cache_dir:
     return
   jax.config.update('jax_compilation_cache_dir', path)
 

@@ -18,8 +18,9 @@ Input images per second (a licensed step forwards each image twice: keyed and as
 
 The device steps and the PyTorch steps take turns in the same rounds.
 
-The main loop should reach >= 0.9 of the device step; the licensed/baseline ratio is the price of
-licensing per input image.
+The main loop should reach >= 0.9 of the device step (``loop / step``: the two taking turns in
+segments of 10 steps within the loop's run, :func:`main_loop`); the licensed/baseline ratio is the
+price of licensing per input image.
 """
 
 from __future__ import annotations
@@ -83,24 +84,49 @@ def _clean_teacher(config, dataset):
   return {'params': jax.tree.map(np.asarray, state.params)}
 
 
-def main_loop(config, dataset, key, licensed: bool, log_every: int = 10) -> float:
-  """Images/s of ``train.train`` in its steady state: between the second time it reads the metrics
-  and the last (every ``log_every`` steps, each one a host sync as the job's every 100 are; its
-  ``on_metrics`` hook marks them), so start-up, compiling, the first steps and the final checkpoint
-  are left out. A licensed run gets a clean teacher where its objective distils one (LeNet-5's
-  default, as in the job)."""
+def main_loop(config, dataset, key, licensed: bool, log_every: int = 10,
+              device: Callable[[int], None] | None = None) -> tuple[float, float | None]:
+  """Images/s of ``train.train`` in its steady state, and of ``device`` (a :func:`device_stepper`)
+  timed beside it.
+
+  The loop is timed between the metrics reads (every ``log_every`` steps, each one a host sync as
+  the job's every 100 are; its ``on_metrics`` hook marks them) from the second one on, so start-up,
+  compiling, the first steps and the final checkpoint are left out. With ``device``, the hook runs
+  it at each of those reads for as many steps as the loop ran since the last one, and the loop's
+  clock stops meanwhile: loop and step take turns in segments of ``log_every`` steps, so a drift
+  of the machine's speed hits both alike. A licensed run gets a clean teacher where its objective
+  distils one (LeNet-5's default, as in the job).
+
+  Returns:
+    (loop images/s, device images/s over its turns, or None without ``device``).
+  """
   config = copy.deepcopy(config)
   config.train.log_every = log_every
-  marks = []  # (step, time) of each metrics read
+  b = config.train.batch_size
   wd = workdir_lib.Workdir(tempfile.mkdtemp())
   teacher = _clean_teacher(config, dataset) if licensed else None
-  train.train(config, wd, dataset, [key] if licensed else None, clean_teacher=teacher,
-              on_metrics=lambda step, metrics: marks.append((step, time.perf_counter())))
-  if len(marks) < 3:
-    raise ValueError(f'Too few steps to time the main loop: the metrics were read {len(marks)} times, '
+  clock = {'reads': 0, 'step': 0, 'resumed': 0.0, 'loop_s': 0.0, 'loop_steps': 0, 'device_s': 0.0}
+
+  def on_metrics(step, metrics):
+    del metrics
+    now = time.perf_counter()
+    if clock['reads'] >= 1:  # the first segment holds compiling and the first steps
+      n = step - clock['step']
+      clock['loop_s'] += now - clock['resumed']
+      clock['loop_steps'] += n
+      if device is not None and n:
+        device(n)
+        clock['device_s'] += time.perf_counter() - now
+    clock['reads'] += 1
+    clock['step'] = step
+    clock['resumed'] = time.perf_counter()
+
+  train.train(config, wd, dataset, [key] if licensed else None, clean_teacher=teacher, on_metrics=on_metrics)
+  if clock['reads'] < 3:
+    raise ValueError(f'Too few steps to time the main loop: the metrics were read {clock["reads"]} times, '
                      f'every {log_every} steps; it needs 3.')
-  (s0, t0), (s1, t1) = marks[1], marks[-1]
-  return (s1 - s0) * config.train.batch_size / (t1 - t0)
+  loop = clock['loop_steps'] * b / clock['loop_s']
+  return loop, (clock['loop_steps'] * b / clock['device_s'] if device is not None else None)
 
 
 def device_stepper(config, dataset, key, licensed: bool) -> Callable[[int], None]:
@@ -152,9 +178,11 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
         row = {'model': name, 'conv': impl or 'default', 'batch': batch, 'devices': jax.device_count()}
         for licensed in (True, False):
           which = 'licensed' if licensed else 'baseline'
-          if impl is None:  # the main loop as the job runs it (the default form only: it is long)
-            row[f'{which} main loop img/s'] = main_loop(config, dataset, key, licensed)
           steppers[(impl, which)] = device_stepper(config, dataset, key, licensed)
+          if impl is None:  # the main loop as the job runs it (the default form only: it is long)
+            loop, beside = main_loop(config, dataset, key, licensed, device=steppers[(impl, which)])
+            row[f'{which} main loop img/s'] = loop
+            row[f'{which} loop / step'] = loop / beside
         row_of[impl] = row
         rows.append(row)
       if with_torch:
@@ -171,9 +199,7 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
                      for which in ('baseline', 'peer') if ('torch', which) in seconds}
       for (impl, which), secs in seconds.items():
         row = row_of[impl]
-        row[f'{which} device step img/s'] = rate = steps * batch / secs
-        if f'{which} main loop img/s' in row:
-          row[f'{which} loop / step'] = row[f'{which} main loop img/s'] / rate
+        row[f'{which} device step img/s'] = steps * batch / secs
       for impl, row in row_of.items():
         row['licensed / baseline (device step)'] = (row['licensed device step img/s'] /
                                                     row['baseline device step img/s'])
@@ -200,7 +226,9 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
                f'Input images per second. Device steps: the median of {rounds} rounds of {steps} steps, '
                f'the variants taking turns within each round, in one process; main loop: one run of '
                f'train.train over {steps + 10} steps, timed from its 2nd metrics read (every 10 '
-               f'steps) to its last. {teacher_note}PyTorch (torch baseline, and the peer: Authority '
+               f'steps) to its last; loop / step: the loop against the same device step run at '
+               f'each of those reads for as many steps (the two taking turns in segments of 10 '
+               f'steps). {teacher_note}PyTorch (torch baseline, and the peer: Authority '
                f'Backdoor\'s training step, 2 x batch samples covering batch images keyed and not) '
                f'takes turns in the same rounds; when it runs, every turn follows a 50 ms pause.')
   return rows

@@ -79,6 +79,7 @@ class LicensedModel:
     self._no_key = jax.device_put(keys_lib.KeyArrays(np.ones((h, w, 1), np.float32),
                                                      np.zeros((h, w, c), np.float32)))
     self._key_cache: dict[str, keys_lib.KeyArrays] = {}
+    self._last_key: tuple[KeyLike, Any] = (None, None)  # (key, its device arrays) of the last call
     self._logits = jax.jit(self._logits_impl)  # (images, variables, key arrays) -> logits
     self._logits_and_features = jax.jit(self._logits_and_features_impl)
 
@@ -107,6 +108,15 @@ class LicensedModel:
   def _key_arrays(self, key: KeyLike) -> keys_lib.KeyArrays:
     if key is None:
       return self._no_key
+    last_key, last_arrays = self._last_key
+    if key is last_key:  # the same (immutable) key object as the call before: no lookup
+      return last_arrays
+    arrays = self._lookup_key_arrays(key)
+    if isinstance(key, keys_lib.LicenseKey):  # not a name: `keys` may map it to another key later
+      self._last_key = (key, arrays)
+    return arrays
+
+  def _lookup_key_arrays(self, key: KeyLike) -> keys_lib.KeyArrays:
     if isinstance(key, str):
       if key not in self.keys:
         raise ValueError(f'No active key named {key!r}; active keys: {sorted(self.keys)}.')

@@ -34,12 +34,14 @@ def batched(fn: Callable[..., Any], images: np.ndarray, *args, batch_size: int) 
     The outputs for the N images, as writable numpy arrays (same pytree structure as ``fn``'s output).
   """
   n = len(images)
-  chunk = chunk_size(n, batch_size)
-  if n == chunk:  # one whole chunk (one image, say): the batch as it is, nothing to join or slice off
+  # One whole chunk (one image, say): the batch as it is, nothing to join or slice off. Tested
+  # without chunk_size: at batch 1 every Python step before the dispatch shows (docs/performance.md).
+  if 0 < n and (n == batch_size or (n < batch_size and not n & (n - 1))):
     out = fn(images, *args)
     # np.array: one copy to the host, writable and the caller's own (jax.device_get costs 50-100 us
     # more a call, and at batch 1 every pass over the output in Python shows).
     return np.array(out) if isinstance(out, jax.Array) else jax.tree.map(np.array, out)
+  chunk = chunk_size(n, batch_size)
   outputs = []
   for start in range(0, max(n, 1), chunk):
     part = images[start:start + chunk]

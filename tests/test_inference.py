@@ -34,6 +34,35 @@ def test_load_and_predict(workdir):
   assert model.logits(images).shape == (37, 10)  # no key
 
 
+def test_keys_by_object_and_by_name_after_the_registry_changes(workdir):
+  # The API remembers the last key object it stamped with; a name is looked up every time.
+  model = inference.load(workdir)
+  images = make_images(6, seed=3)[0][..., None]
+  first, other = model.keys['default'], keys.forge(model.keys['default'], seed=4)
+  fresh = inference.load(workdir)
+  expected = {'first': fresh.logits(images, first), 'other': fresh.logits(images, other)}
+  assert not np.allclose(expected['first'], expected['other'])
+  for name, key in [('first', first), ('other', other), ('first', first), ('first', first)]:
+    np.testing.assert_array_equal(model.logits(images, key), expected[name])
+  np.testing.assert_array_equal(model.logits(images, 'default'), expected['first'])
+  model.keys['default'] = other  # the name now means another key
+  np.testing.assert_array_equal(model.logits(images, 'default'), expected['other'])
+  np.testing.assert_array_equal(model.logits(images[1:2]), fresh.logits(images[1:2]))  # then no key
+
+
+def test_images_of_every_layout_pass_the_check():
+  from securenet_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+  base = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+  for images in (base, base[:, ::-1], np.asfortranarray(base), base.view(np.memmap), list(base)):
+    checked = images_lib.check(images, (4, 4, 1))
+    assert type(checked) is np.ndarray and checked.dtype == np.uint8  # pylint: disable=unidiomatic-typecheck
+    np.testing.assert_array_equal(checked, np.asarray(images))
+  with pytest.raises(ValueError, match=r'shape \(N, 4, 4, 3\), got shape \(2, 4, 4, 1\)'):
+    images_lib.check(base, (4, 4, 3))
+  with pytest.raises(ValueError, match=r'shape \(N, 4, 4, 1\)'):
+    images_lib.check(base[0], (4, 4, 1))
+
+
 @pytest.mark.parametrize('images, match', [
     (np.zeros((2, 28, 28), np.uint8), r'NHWC images of shape \(N, 28, 28, 1\)'),
     (np.zeros((2, 32, 32, 1), np.uint8), r'NHWC images of shape \(N, 28, 28, 1\)'),
@@ -96,18 +125,28 @@ def test_exported_artifact_refuses_bad_keys_and_files(workdir, tmp_path):
     inference.load_exported(tmp_path / 'junk.npz')
 
 
-@pytest.mark.parametrize('n', [0, 1, 8, 5, 19])
-def test_batched_returns_every_row_once_in_order(n):
+@pytest.mark.parametrize('n, batch_size, chunks', [
+    (0, 8, [1]), (1, 8, [1]), (8, 8, [8]), (4, 8, [4]), (5, 8, [8]), (19, 8, [8, 8, 8]),
+    (6, 6, [6]), (4, 6, [4]), (5, 6, [6]), (7, 6, [6, 6])])
+def test_batched_returns_every_row_once_in_order(n, batch_size, chunks):
   """predict.batched over one full chunk, a padded chunk and several chunks: the
-  outputs of exactly the N images, in order, as writable numpy arrays, for a pytree output too."""
+  outputs of exactly the N images, in order, as writable numpy arrays, for a pytree output too; the
+  chunks it runs are powers of two up to the batch size (or the batch size itself)."""
   from securenet_jax import predict  # pylint: disable=g-import-not-at-top
   images = np.arange(n * 4, dtype=np.float32).reshape(n, 2, 2, 1)
-  fn = jax.jit(lambda x, scale: {'sum': x.sum(axis=(1, 2, 3)) * scale, 'first': x[:, 0, 0, 0]})
-  out = predict.batched(fn, images, 2.0, batch_size=8)
+  jitted = jax.jit(lambda x, scale: {'sum': x.sum(axis=(1, 2, 3)) * scale, 'first': x[:, 0, 0, 0]})
+  seen = []
+
+  def fn(x, scale):
+    seen.append(len(x))
+    return jitted(x, scale)
+
+  out = predict.batched(fn, images, 2.0, batch_size=batch_size)
+  assert seen == chunks
   assert isinstance(out['sum'], np.ndarray) and out['sum'].shape == (n,)
   np.testing.assert_array_equal(out['sum'], images.sum(axis=(1, 2, 3)) * 2.0)
   np.testing.assert_array_equal(out['first'], images[:, 0, 0, 0])
   assert all(a.flags.writeable and a.flags.owndata for a in out.values())  # the caller's own arrays
-  single = predict.batched(jax.jit(lambda x: x[:, 0, 0, 0] + 1.0), images, batch_size=8)  # one array out
+  single = predict.batched(jax.jit(lambda x: x[:, 0, 0, 0] + 1.0), images, batch_size=batch_size)  # one array out
   np.testing.assert_array_equal(single, images[:, 0, 0, 0] + 1.0)
   assert single.shape == (n,) and single.flags.writeable and single.flags.owndata

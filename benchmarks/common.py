@@ -85,6 +85,34 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def timeit_alternating(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
+                       min_s: float = 0.2) -> dict[str, float]:
+  """Median seconds of one call of each function, the functions alternating call by call: each round
+  times ``calls`` single calls of each, every call of one function between calls of the others (the
+  order rotating), so that what a call leaves behind (XLA's worker threads still spinning, caches)
+  and the machine's drift within a round hit all of them alike. For ratios of functions doing nearly
+  the same work, where turns of many calls each (:func:`timeit_interleaved`) leave a noise as large
+  as the difference. ``calls`` is set so that a round takes about ``min_s``."""
+  for fn in fns.values():
+    fn()
+  t0 = time.perf_counter()
+  for fn in fns.values():
+    fn()
+  calls = max(3, int(min_s / max(time.perf_counter() - t0, 1e-9)))
+  names = list(fns)
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    total = dict.fromkeys(fns, 0.0)
+    for i in range(calls):
+      for name in names[i % len(names):] + names[:i % len(names)]:
+        t0 = time.perf_counter()
+        fns[name]()
+        total[name] += time.perf_counter() - t0
+    for name in fns:
+      times[name].append(total[name] / calls)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def write(out_dir: str, name: str, rows: list[dict], columns: list[str], title: str, notes: str = '') -> None:
   """Writes OUT/NAME.json (machine + rows) and OUT/NAME.md (a table), and prints the table."""
   os.makedirs(out_dir, exist_ok=True)

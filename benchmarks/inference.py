@@ -12,7 +12,9 @@ For each model and batch size, input images per second of:
   the device: the upper bound;
 * ``jitted forward, numpy in/out``: the very function the API calls, on the same numpy uint8 arrays,
   its result fetched with ``np.asarray``: the API without its own Python (checks, chunking, the copy
-  of the rows), so ``api / jitted numpy`` is the API's own overhead;
+  of the rows), so ``api / jitted numpy`` is the API's own overhead; ``api / jitted numpy,
+  alternating calls`` is the same ratio with the two timed call by call in turn
+  (``common.timeit_alternating``), which leaves less noise at small batches;
 * ``jitted forward, XLA conv``: the same with LeNet-5's first convolution by XLA, where the API computes
   it in the direct form (on a CPU: ``models.for_inference``);
 * ``torch numpy``: a plain PyTorch eval of the same architecture, numpy in and out (no key);
@@ -126,6 +128,11 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
       row.update({f'{k} img/s': batch / v for k, v in timings.items()})
       row['api / jitted forward'] = timings['jitted forward'] / timings['api']
       row['api / jitted numpy'] = timings['jitted forward, numpy in/out'] / timings['api']
+      # The same ratio with the two alternating call by call: at small batches a turn's noise is as
+      # large as the API's own Python.
+      alternating = common.timeit_alternating({'api': fns['api'],
+                                               'jitted numpy': fns['jitted forward, numpy in/out']})
+      row['api / jitted numpy, alternating calls'] = alternating['jitted numpy'] / alternating['api']
       if 'torch numpy' in timings:
         row['api / torch numpy'] = timings['torch numpy'] / timings['api']
       row['key cost at the API'] = f'{100 * (timings["api"] / timings["api, no key"] - 1):+.1f}%'

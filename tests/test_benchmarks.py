@@ -21,6 +21,20 @@ def test_aes_sbox_and_the_decryption_round_trip():
   np.testing.assert_array_equal(unlock_cost.decrypt(cipher, 7), weights)
 
 
+def test_alternating_timer_takes_turns_call_by_call():
+  import time  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  calls = []
+  fns = {'slow': lambda: (calls.append('slow'), time.sleep(0.004)),
+         'fast': lambda: calls.append('fast')}
+  seconds = common.timeit_alternating(fns, rounds=3, min_s=0.04)
+  assert seconds['slow'] >= 0.004 > seconds['fast']
+  timed = calls[4:]  # after two warm-up calls of each
+  assert len(timed) % 2 == 0 and timed.count('slow') == timed.count('fast') >= 3 * 3
+  pairs = [tuple(sorted(timed[i:i + 2])) for i in range(0, len(timed), 2)]
+  assert set(pairs) == {('fast', 'slow')}  # each call of one is next to a call of the other
+
+
 def test_unlock_cost_writes_its_table(tmp_path):
   rows = unlock_cost.run(['lenet5'], str(tmp_path), batch=1)
   assert rows[0]['unlock ratio'] > 1 and rows[0]['unlock ratio, both in numpy on the host'] > 1 and (tmp_path / 'unlock_cost.md').exists()
@@ -33,8 +47,10 @@ def test_inference_and_training_benchmarks_run(tmp_path):
   assert rows[0]['api img/s'] > 0 and 'exported img/s' in rows[0]
   assert rows[0]['jitted forward, XLA conv img/s'] > 0  # the CPU's direct first convolution, side by side
   assert rows[0]['jitted forward, numpy in/out img/s'] > 0 and rows[0]['api / jitted numpy'] > 0
+  assert rows[0]['api / jitted numpy, alternating calls'] > 0
   rows = train_throughput.run(['lenet5'], [32], 12, str(tmp_path), with_torch=False, rounds=1)
   assert rows[0]['licensed main loop img/s'] > 0 and (tmp_path / 'train_throughput.md').exists()
+  assert rows[0]['licensed loop / step'] > 0 and rows[0]['baseline loop / step'] > 0  # taking turns
   # On the CPU: LeNet-5's default form and XLA's convolution, both timed in the same rounds.
   assert [r['conv'] for r in rows] == ['default', 'xla'] and rows[0]['licensed step vs xla'] > 0
 

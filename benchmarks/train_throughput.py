@@ -228,9 +228,10 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
                f'train.train over {steps + 10} steps, timed from its 2nd metrics read (every 10 '
                f'steps) to its last; loop / step: the loop against the same device step run at '
                f'each of those reads for as many steps (the two taking turns in segments of 10 '
-               f'steps). {teacher_note}PyTorch (torch baseline, and the peer: Authority '
-               f'Backdoor\'s training step, 2 x batch samples covering batch images keyed and not) '
-               f'takes turns in the same rounds; when it runs, every turn follows a 50 ms pause.')
+               f'steps). {teacher_note}' +
+               ('PyTorch (torch baseline, and the peer: Authority Backdoor\'s training step, 2 x '
+                'batch samples covering batch images keyed and not) takes turns in the same rounds; '
+                'every turn follows a 50 ms pause.' if with_torch else 'PyTorch was not run.'))
   return rows
 
 

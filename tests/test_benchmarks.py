@@ -75,3 +75,19 @@ def test_training_benchmark_configs_gate_layers_their_model_has(name):
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False))
   assert set(config.objective.silence_layers) <= set(shapes['params'])
   assert (config.objective.clean_distill_weight > 0) == (name == 'lenet5')  # the job's teacher: LeNet-5's
+
+
+def test_all_benchmarks_in_one_command_report_a_failure_and_run_the_rest(tmp_path, monkeypatch):
+  from benchmarks import __main__ as all_benchmarks  # pylint: disable=g-import-not-at-top
+  ran = []
+
+  def broken(*args, **kwargs):
+    raise RuntimeError('broken on purpose')
+
+  monkeypatch.setattr(unlock_cost, 'run', broken)
+  monkeypatch.setattr(inference_bench, 'run', lambda names, sizes, out, with_torch: ran.append((names, sizes, out)))
+  assert all_benchmarks.main(['--only', 'unlock_cost,inference', '--no_torch', '--out', str(tmp_path),
+                              '--inference_models', 'lenet5']) == 1
+  assert ran == [(['lenet5'], [1, 64, 1024, 4096], str(tmp_path))]
+  with pytest.raises(SystemExit):
+    all_benchmarks.main(['--only', 'inference,nonsense'])

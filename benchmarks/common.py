@@ -88,9 +88,10 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
 def timeit_alternating(fns: dict[str, Callable[[], object]], *, rounds: int = 7,
                        min_s: float = 0.2) -> dict[str, float]:
   """Median seconds of one call of each function, the functions alternating call by call: each round
-  times ``calls`` single calls of each, every call of one function between calls of the others (the
-  order rotating), so that what a call leaves behind (XLA's worker threads still spinning, caches)
-  and the machine's drift within a round hit all of them alike. For ratios of functions doing nearly
+  times ``calls`` single calls of each, one call of every function after another, the order rotating
+  by one each time (two functions: A B, B A, A B, ...), so that what a call leaves behind (XLA's
+  worker threads still spinning, caches) and the machine's drift within a round hit all of them
+  alike. For ratios of functions doing nearly
   the same work, where turns of many calls each (:func:`timeit_interleaved`) leave a noise as large
   as the difference. ``calls`` is set so that a round takes about ``min_s``."""
   for fn in fns.values():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +131,8 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
       row['api / jitted numpy'] = timings['jitted forward, numpy in/out'] / timings['api']
       # The same ratio with the two alternating call by call: at small batches a turn's noise is as
       # large as the API's own Python.
+      if torch is not None:
+        time.sleep(0.05)  # PyTorch's threads may still spin after its last turn
       alternating = common.timeit_alternating({'api': fns['api'],
                                                'jitted numpy': fns['jitted forward, numpy in/out']})
       row['api / jitted numpy, alternating calls'] = alternating['jitted numpy'] / alternating['api']
@@ -146,7 +149,8 @@ def run(names, batch_sizes, out_dir: str, with_torch: bool) -> list[dict]:
                'uint8 in and numpy out for the API, the '
                'exported artifact, "jitted forward, numpy in/out" and "torch numpy"; device-resident input '
                'for "jitted forward" and '
-               '"torch device".')
+               '"torch device". "api / jitted numpy, alternating calls": the API and "jitted forward, '
+               'numpy in/out" timed again, one call of each after the other (7 rounds of about 0.2 s).')
   return rows
 
 

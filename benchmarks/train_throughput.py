@@ -29,6 +29,7 @@ import argparse
 import copy
 import functools
 import os
+import shutil
 import tempfile
 import time
 from typing import Callable
@@ -87,46 +88,50 @@ def _clean_teacher(config, dataset):
 def main_loop(config, dataset, key, licensed: bool, log_every: int = 10,
               device: Callable[[int], None] | None = None) -> tuple[float, float | None]:
   """Images/s of ``train.train`` in its steady state, and of ``device`` (a :func:`device_stepper`)
-  timed beside it.
+  run in turns with it.
 
-  The loop is timed between the metrics reads (every ``log_every`` steps, each one a host sync as
-  the job's every 100 are; its ``on_metrics`` hook marks them) from the second one on, so start-up,
-  compiling, the first steps and the final checkpoint are left out. With ``device``, the hook runs
-  it at each of those reads for as many steps as the loop ran since the last one, and the loop's
-  clock stops meanwhile: loop and step take turns in segments of ``log_every`` steps, so a drift
-  of the machine's speed hits both alike. A licensed run gets a clean teacher where its objective
-  distils one (LeNet-5's default, as in the job).
+  The loop's metrics reads (every ``log_every`` steps, each one a host sync as the job's every 100
+  are; its ``on_metrics`` hook marks them) cut it into segments. It is timed from its first read on:
+  start-up, compiling and the first ``log_every`` steps come before it, the final checkpoint after
+  the last. With ``device``, the hook runs it at each read after the first for as many steps as the
+  loop ran since the read before, and the loop's clock stops meanwhile: loop and step take turns in
+  segments of ``log_every`` steps, so a drift of the machine's speed hits both alike. A licensed run
+  gets a clean teacher where its objective distils one (LeNet-5's default, as in the job).
 
   Returns:
-    (loop images/s, device images/s over its turns, or None without ``device``).
+    (loop images/s, images/s of ``device`` in its turns, or None without ``device``).
   """
   config = copy.deepcopy(config)
   config.train.log_every = log_every
-  b = config.train.batch_size
-  wd = workdir_lib.Workdir(tempfile.mkdtemp())
+  root = tempfile.mkdtemp(prefix='securenet-loop-')
   teacher = _clean_teacher(config, dataset) if licensed else None
-  clock = {'reads': 0, 'step': 0, 'resumed': 0.0, 'loop_s': 0.0, 'loop_steps': 0, 'device_s': 0.0}
+  reads, last_step, resumed = 0, 0, 0.0
+  loop_steps, loop_s, step_s = 0, 0.0, 0.0
 
   def on_metrics(step, metrics):
+    nonlocal reads, last_step, resumed, loop_steps, loop_s, step_s
     del metrics
     now = time.perf_counter()
-    if clock['reads'] >= 1:  # the first segment holds compiling and the first steps
-      n = step - clock['step']
-      clock['loop_s'] += now - clock['resumed']
-      clock['loop_steps'] += n
+    if reads:  # before the first read: compiling and the first steps
+      n = step - last_step
+      loop_s += now - resumed
+      loop_steps += n
       if device is not None and n:
         device(n)
-        clock['device_s'] += time.perf_counter() - now
-    clock['reads'] += 1
-    clock['step'] = step
-    clock['resumed'] = time.perf_counter()
+        step_s += time.perf_counter() - now
+    reads, last_step = reads + 1, step
+    resumed = time.perf_counter()
 
-  train.train(config, wd, dataset, [key] if licensed else None, clean_teacher=teacher, on_metrics=on_metrics)
-  if clock['reads'] < 3:
-    raise ValueError(f'Too few steps to time the main loop: the metrics were read {clock["reads"]} times, '
+  try:
+    train.train(config, workdir_lib.Workdir(root), dataset, [key] if licensed else None,
+                clean_teacher=teacher, on_metrics=on_metrics)
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  if reads < 3:
+    raise ValueError(f'Too few steps to time the main loop: the metrics were read {reads} times, '
                      f'every {log_every} steps; it needs 3.')
-  loop = clock['loop_steps'] * b / clock['loop_s']
-  return loop, (clock['loop_steps'] * b / clock['device_s'] if device is not None else None)
+  images = loop_steps * config.train.batch_size
+  return images / loop_s, (images / step_s if device is not None else None)
 
 
 def device_stepper(config, dataset, key, licensed: bool) -> Callable[[int], None]:
@@ -180,9 +185,10 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
           which = 'licensed' if licensed else 'baseline'
           steppers[(impl, which)] = device_stepper(config, dataset, key, licensed)
           if impl is None:  # the main loop as the job runs it (the default form only: it is long)
-            loop, beside = main_loop(config, dataset, key, licensed, device=steppers[(impl, which)])
+            loop, in_turns = main_loop(config, dataset, key, licensed, device=steppers[(impl, which)])
             row[f'{which} main loop img/s'] = loop
-            row[f'{which} loop / step'] = loop / beside
+            row[f'{which} step in turns with the loop img/s'] = in_turns
+            row[f'{which} loop / step'] = loop / in_turns
         row_of[impl] = row
         rows.append(row)
       if with_torch:
@@ -225,10 +231,10 @@ def run(names, batch_sizes, steps: int, out_dir: str, with_torch: bool, rounds: 
   common.write(out_dir, 'train_throughput', rows, columns, 'Training throughput',
                f'Input images per second. Device steps: the median of {rounds} rounds of {steps} steps, '
                f'the variants taking turns within each round, in one process; main loop: one run of '
-               f'train.train over {steps + 10} steps, timed from its 2nd metrics read (every 10 '
-               f'steps) to its last; loop / step: the loop against the same device step run at '
-               f'each of those reads for as many steps (the two taking turns in segments of 10 '
-               f'steps). {teacher_note}' +
+               f'train.train over {steps + 10} steps, timed from its 1st metrics read (every 10 '
+               f'steps) to its last; step in turns with the loop: the same device step run at each '
+               f'of those reads after the first for as many steps (the two taking turns in '
+               f'segments of 10 steps), the step of loop / step. {teacher_note}' +
                ('PyTorch (torch baseline, and the peer: Authority Backdoor\'s training step, 2 x '
                 'batch samples covering batch images keyed and not) takes turns in the same rounds; '
                 'every turn follows a 50 ms pause.' if with_torch else 'PyTorch was not run.'))

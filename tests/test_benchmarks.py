@@ -29,10 +29,28 @@ def test_alternating_timer_takes_turns_call_by_call():
          'fast': lambda: calls.append('fast')}
   seconds = common.timeit_alternating(fns, rounds=3, min_s=0.04)
   assert seconds['slow'] >= 0.004 > seconds['fast']
-  timed = calls[4:]  # after two warm-up calls of each
+  timed = calls[4:]  # after a warm-up call and a sizing call of each
   assert len(timed) % 2 == 0 and timed.count('slow') == timed.count('fast') >= 3 * 3
   pairs = [tuple(sorted(timed[i:i + 2])) for i in range(0, len(timed), 2)]
   assert set(pairs) == {('fast', 'slow')}  # each call of one is next to a call of the other
+
+
+def test_main_loop_takes_turns_with_the_device_step():
+  import time  # pylint: disable=g-import-not-at-top
+  from securenet_jax import keys  # pylint: disable=g-import-not-at-top
+  dataset = train_throughput._dataset(16, 32)  # pylint: disable=protected-access
+  config = train_throughput._config('lenet5', 16, 32)  # pylint: disable=protected-access
+  key = keys.derive('bench', keys.Geometry.from_config(config.key, dataset.image_shape))
+  turns = []
+
+  def step(n):
+    turns.append(n)
+    time.sleep(0.002 * n)
+
+  loop, in_turns = train_throughput.main_loop(config, dataset, key, licensed=False, device=step)
+  # Metrics reads at steps 10, 20, 30 and 32 (the last): a turn of the step after each but the first.
+  assert turns == [10, 10, 2]
+  assert loop > 0 and 0 < in_turns <= 22 * 16 / (0.002 * 22)
 
 
 def test_unlock_cost_writes_its_table(tmp_path):
@@ -85,7 +103,8 @@ def test_all_benchmarks_in_one_command_report_a_failure_and_run_the_rest(tmp_pat
     raise RuntimeError('broken on purpose')
 
   monkeypatch.setattr(unlock_cost, 'run', broken)
-  monkeypatch.setattr(inference_bench, 'run', lambda names, sizes, out, with_torch: ran.append((names, sizes, out)))
+  monkeypatch.setattr(inference_bench, 'run',
+                      lambda names, sizes, out, with_torch: ran.append((names, sizes, out)))
   assert all_benchmarks.main(['--only', 'unlock_cost,inference', '--no_torch', '--out', str(tmp_path),
                               '--inference_models', 'lenet5']) == 1
   assert ran == [(['lenet5'], [1, 64, 1024, 4096], str(tmp_path))]

@@ -147,6 +147,7 @@ def test_batched_returns_every_row_once_in_order(n, batch_size, chunks):
   np.testing.assert_array_equal(out['sum'], images.sum(axis=(1, 2, 3)) * 2.0)
   np.testing.assert_array_equal(out['first'], images[:, 0, 0, 0])
   assert all(a.flags.writeable and a.flags.owndata for a in out.values())  # the caller's own arrays
-  single = predict.batched(jax.jit(lambda x: x[:, 0, 0, 0] + 1.0), images, batch_size=batch_size)  # one array out
+  # One array out:
+  single = predict.batched(jax.jit(lambda x: x[:, 0, 0, 0] + 1.0), images, batch_size=batch_size)
   np.testing.assert_array_equal(single, images[:, 0, 0, 0] + 1.0)
   assert single.shape == (n,) and single.flags.writeable and single.flags.owndata

@@ -41,7 +41,8 @@ def check(images, image_shape) -> np.ndarray:
   Raises:
     ValueError: saying what was expected (shape, dtype, value range).
   """
-  if images.__class__ is np.ndarray and images.dtype is _UINT8 and images.shape[1:] == image_shape:
+  if (images.__class__ is np.ndarray and images.dtype is _UINT8 and
+      images.shape[1:] == tuple(image_shape)):
     # What the API is mostly given, checked in the fewest Python steps: at batch 1 right after a
     # jitted call each step costs ~20x its idle time (docs/performance.md).
     return images

@@ -55,6 +55,7 @@ def test_images_of_every_layout_pass_the_check():
   base = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
   for images in (base, base[:, ::-1], np.asfortranarray(base), base.view(np.memmap), list(base)):
     checked = images_lib.check(images, (4, 4, 1))
+    np.testing.assert_array_equal(images_lib.check(images, np.array([4, 4, 1])), checked)  # any sequence
     assert type(checked) is np.ndarray and checked.dtype == np.uint8  # pylint: disable=unidiomatic-typecheck
     np.testing.assert_array_equal(checked, np.asarray(images))
   with pytest.raises(ValueError, match=r'shape \(N, 4, 4, 3\), got shape \(2, 4, 4, 1\)'):

@@ -74,8 +74,11 @@ def training_keys(config, workdir: workdir_lib.Workdir, image_shape, num_classes
   kcfg = config.key
   geometry = keys_lib.Geometry.from_config(kcfg, image_shape)
   wanted = grants(config.license, num_classes)
-  parallel.barrier('keys:check')  # every process sees the registry as it was before this run
-  if registry_lib.KeyRegistry.exists(workdir.keys_dir):
+  # Every process looks before any can write: the primary registers new keys below only after the
+  # all-gather, which waits for every process's look. (A barrier before the look let a late process
+  # find the keys the primary had just written, take the other branch and miss 'keys:written'.)
+  if parallel.same_on_every_process(registry_lib.KeyRegistry.exists(workdir.keys_dir),
+                                    f'{workdir.keys_dir} holds a key registry'):
     registry = registry_lib.KeyRegistry.load(workdir.keys_dir)
     known = {**registry.active, **registry.revoked}
     for grant in wanted:

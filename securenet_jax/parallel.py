@@ -22,6 +22,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from securenet_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -100,12 +102,34 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def process_flags(flag: bool) -> list[bool]:
+  """Every process's ``flag``, in process order, on every process (an all-gather: no process gets
+  them before every process has given its own)."""
+  if jax.process_count() == 1:
+    return [bool(flag)]
+  flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
+  return [bool(f) for f in np.asarray(flags).reshape(-1)]
+
+
+def same_on_every_process(flag: bool, what: str) -> bool:
+  """``flag``, once every process has given its own (an all-gather, so it also waits for every
+  process); raises if they differ. For a look at a shared folder that the primary then writes to:
+  looked at before this call, no process can see the primary's writing.
+
+  Raises:
+    errors.WorkdirError: the processes disagree, e.g. the folder is not shared.
+  """
+  flags = process_flags(flag)
+  if len(set(flags)) > 1:
+    raise errors.WorkdirError(f'The processes disagree whether {what} (process by process: {flags}).',
+                              hint='Every process must see the same workdir: put it on a shared '
+                                   'filesystem.')
+  return flags[0]
+
+
 def any_process(flag: bool) -> bool:
   """True on every process if ``flag`` is true on any: how processes agree to stop at one step."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
-  return bool(np.asarray(flags).any())
+  return any(process_flags(flag))
 
 
 def map_rows(fn: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:

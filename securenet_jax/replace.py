@@ -76,9 +76,10 @@ def replace_and_evaluate(rcfg: ml_collections.ConfigDict, workdir: str, mesh=Non
   wd.save_or_check_config(config, write=primary)
   if primary:
     wd.write_model_info(full.num_classes, full.image_shape)
-  parallel.barrier('replace:check')  # every process sees the registry as it was before this run
+  # Every process looks at the registry before the primary can write one (the check waits for all).
   registry = licensing.load(wd)
-  if registry is not None:  # resuming an interrupted replacement
+  if parallel.same_on_every_process(registry is not None, f'{wd} holds a key registry'):
+    # resuming an interrupted replacement
     active, revoked = list(registry.active.values()), list(registry.revoked.values())
   else:
     active, revoked = licensing.plan_replacement(source_registry, rcfg.revoke, rcfg.new_secret,

@@ -26,6 +26,15 @@ from tests.conftest import REPO
 
 def test_single_process_helpers():
   assert parallel.any_process(True) and not parallel.any_process(False)
+  assert parallel.process_flags(True) == [True] and parallel.process_flags(0) == [False]
+  assert parallel.same_on_every_process(True, 'x') and not parallel.same_on_every_process(False, 'x')
+
+
+def test_processes_that_see_different_workdirs_are_told_so(monkeypatch):
+  from securenet_jax import errors  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(parallel, 'process_flags', lambda flag: [True, False])
+  with pytest.raises(errors.WorkdirError, match=r'disagree whether W holds a key registry .*\[True, False\]'):
+    parallel.same_on_every_process(True, 'W holds a key registry')
   rows = np.arange(10)[:, None] * np.ones((1, 3))
   np.testing.assert_array_equal(parallel.map_rows(lambda r: r * 2, rows), rows * 2)
   parallel.barrier('nothing to wait for')
@@ -195,3 +204,36 @@ def test_replace_and_security_on_two_processes_write_one_report(tmp_path, two_pr
     reports = [f for f in os.listdir(tmp_path / out_dir / 'report') if not f.startswith('.tmp')]
     assert 'metrics.json' in reports or 'security.json' in reports, reports
   assert json.loads((tmp_path / 'rekeyed' / 'report' / 'metrics.json').read_text())['revoked_acc'] >= 0
+
+
+_KEYS_RACE = r'''
+import sys, time
+from securenet_jax import licensing, parallel, registry, workdir
+from configs import default
+port, pid, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+parallel.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+exists = registry.KeyRegistry.exists
+def late_look(path):  # process 1 looks at the registry 3 s after process 0
+  if pid == 1:
+    time.sleep(3)
+  return exists(path)
+registry.KeyRegistry.exists = staticmethod(late_look)
+config = default.get_config()
+config.key.secret = 'race'
+active, _ = licensing.training_keys(config, workdir.Workdir(root), (28, 28, 1), 10)
+parallel.barrier('after the keys')
+print('flags', parallel.process_flags(pid == 1), 'key', active[0].fingerprint[:12], flush=True)
+'''
+
+
+def test_a_late_process_still_registers_the_keys_with_the_others(tmp_path):
+  # A process that looked at the key registry only after the primary had written it took the
+  # "registered" branch, skipped the barrier after the writing and broke the next collective.
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, '-c', _KEYS_RACE, str(port), str(i), str(tmp_path / 'wd')],
+                            cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=180)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  lines = [next(line for line in out.splitlines() if line.startswith('flags')) for out in outs]
+  assert lines[0] == lines[1] and lines[0].startswith('flags [False, True] key ')

@@ -7,8 +7,9 @@ Multi-process runs (several hosts, or one process per GPU) start with :func:`ini
 explicit arguments (``main.py``'s ``--coordinator_address``, ``--num_processes``, ``--process_id``; what
 ``launch/local.sh`` passes on loopback), or from the environment of a SLURM allocation or a Cloud
 TPU pod, where ``jax.distributed.initialize()`` finds everything itself. Processes then agree on
-when to stop (:func:`any_process`), synchronize around shared files (:func:`barrier`) and split the
-evaluation (:func:`map_rows`).
+when to stop (:func:`any_process`), synchronize around shared files (:func:`barrier`), agree on what
+they found in the shared workdir (:func:`same_on_every_process`) and split the evaluation
+(:func:`map_rows`).
 """
 
 from __future__ import annotations

@@ -28,19 +28,19 @@ def test_single_process_helpers():
   assert parallel.any_process(True) and not parallel.any_process(False)
   assert parallel.process_flags(True) == [True] and parallel.process_flags(0) == [False]
   assert parallel.same_on_every_process(True, 'x') and not parallel.same_on_every_process(False, 'x')
-
-
-def test_processes_that_see_different_workdirs_are_told_so(monkeypatch):
-  from securenet_jax import errors  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(parallel, 'process_flags', lambda flag: [True, False])
-  with pytest.raises(errors.WorkdirError, match=r'disagree whether W holds a key registry .*\[True, False\]'):
-    parallel.same_on_every_process(True, 'W holds a key registry')
   rows = np.arange(10)[:, None] * np.ones((1, 3))
   np.testing.assert_array_equal(parallel.map_rows(lambda r: r * 2, rows), rows * 2)
   parallel.barrier('nothing to wait for')
   assert parallel.is_primary() and parallel.cluster_environment() == ''
   with pytest.raises(ValueError, match='num_processes'):
     parallel.initialize('127.0.0.1:1', num_processes=2, process_id=5)
+
+
+def test_processes_that_disagree_about_the_workdir_are_told_so(monkeypatch):
+  from securenet_jax import errors  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(parallel, 'process_flags', lambda flag: [True, False])
+  with pytest.raises(errors.WorkdirError, match=r'disagree whether W holds a key registry .*\[True, False\]'):
+    parallel.same_on_every_process(True, 'W holds a key registry')
 
 
 def test_cluster_environment_detection(monkeypatch):
@@ -213,9 +213,14 @@ from configs import default
 port, pid, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 parallel.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
 exists = registry.KeyRegistry.exists
-def late_look(path):  # process 1 looks at the registry 3 s after process 0
+appeared = None
+def late_look(path):  # process 1 waits up to 8 s for the primary's registry before it looks
+  global appeared
   if pid == 1:
-    time.sleep(3)
+    deadline = time.time() + 8
+    while not exists(path) and time.time() < deadline:
+      time.sleep(0.1)
+    appeared = exists(path)
   return exists(path)
 registry.KeyRegistry.exists = staticmethod(late_look)
 config = default.get_config()
@@ -223,6 +228,8 @@ config.key.secret = 'race'
 active, _ = licensing.training_keys(config, workdir.Workdir(root), (28, 28, 1), 10)
 parallel.barrier('after the keys')
 print('flags', parallel.process_flags(pid == 1), 'key', active[0].fingerprint[:12], flush=True)
+if pid == 1:
+  print('registry appeared before the look:', appeared, flush=True)
 '''
 
 
@@ -233,7 +240,13 @@ def test_a_late_process_still_registers_the_keys_with_the_others(tmp_path):
   procs = [subprocess.Popen([sys.executable, '-c', _KEYS_RACE, str(port), str(i), str(tmp_path / 'wd')],
                             cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
-  outs = [p.communicate(timeout=180)[0] for p in procs]
+  try:
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
   assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
   lines = [next(line for line in out.splitlines() if line.startswith('flags')) for out in outs]
   assert lines[0] == lines[1] and lines[0].startswith('flags [False, True] key ')
+  # The primary could not register the keys while process 1 had not looked.
+  assert 'registry appeared before the look: False' in outs[1]

@@ -37,14 +37,36 @@ from securenet_jax import workdir as workdir_lib
 KeyLike = keys_lib.LicenseKey | str | None
 
 
-def _device_key_arrays(cache: dict, key: keys_lib.LicenseKey, arrays) -> keys_lib.KeyArrays:
-  """``key``'s stamping arrays on the device, put there once and looked up by fingerprint afterwards;
-  ``arrays(key)`` makes the host arrays the first time."""
-  if key.fingerprint not in cache:
-    if len(cache) > 64:  # forged-key sweeps: keep the cache small
-      cache.clear()
-    cache[key.fingerprint] = jax.device_put(arrays(key))
-  return cache[key.fingerprint]
+class _DeviceKeys:
+  """Keys' stamping arrays on the device: checked and put there once per key, looked up by
+  fingerprint afterwards, and the last key object's without any lookup (a key is immutable; at
+  batch 1 each Python step before the dispatch shows, docs/performance.md).
+
+  ``host_arrays(key)`` makes the host arrays; ``accepted`` ends the error for anything that is not a
+  :class:`keys.LicenseKey` with what else the model takes as a key.
+  """
+
+  def __init__(self, image_shape, host_arrays, accepted: str):
+    self._image_shape, self._host_arrays, self._accepted = image_shape, host_arrays, accepted
+    self._by_fingerprint: dict[str, keys_lib.KeyArrays] = {}
+    self._last: tuple[Any, Any] = (None, None)  # (key, its device arrays) of the last call
+
+  def __call__(self, key: keys_lib.LicenseKey) -> keys_lib.KeyArrays:
+    last_key, last_arrays = self._last
+    if key is last_key:
+      return last_arrays
+    if not isinstance(key, keys_lib.LicenseKey):
+      raise ValueError(f'key must be a LicenseKey{self._accepted}; got {type(key).__name__}.')
+    if key.image_shape != self._image_shape:
+      raise ValueError(f'Key {key.name!r} is made for images of shape {key.image_shape}, but this '
+                       f'model takes {self._image_shape}.')
+    arrays = self._by_fingerprint.get(key.fingerprint)
+    if arrays is None:
+      if len(self._by_fingerprint) > 64:  # forged-key sweeps: keep the cache small
+        self._by_fingerprint.clear()
+      arrays = self._by_fingerprint[key.fingerprint] = jax.device_put(self._host_arrays(key))
+    self._last = (key, arrays)
+    return arrays
 
 
 class LicensedModel:
@@ -78,8 +100,8 @@ class LicensedModel:
     h, w, c = self.image_shape
     self._no_key = jax.device_put(keys_lib.KeyArrays(np.ones((h, w, 1), np.float32),
                                                      np.zeros((h, w, c), np.float32)))
-    self._key_cache: dict[str, keys_lib.KeyArrays] = {}
-    self._last_key: tuple[KeyLike, Any] = (None, None)  # (key, its device arrays) of the last call
+    self._device_keys = _DeviceKeys(self.image_shape, lambda k: k.arrays(),
+                                    ', the name of an active key, or None')
     self._logits = jax.jit(self._logits_impl)  # (images, variables, key arrays) -> logits
     self._logits_and_features = jax.jit(self._logits_and_features_impl)
 
@@ -108,26 +130,11 @@ class LicensedModel:
   def _key_arrays(self, key: KeyLike) -> keys_lib.KeyArrays:
     if key is None:
       return self._no_key
-    last_key, last_arrays = self._last_key
-    if key is last_key:  # the same (immutable) key object as the call before: no lookup
-      return last_arrays
-    arrays = self._lookup_key_arrays(key)
-    if isinstance(key, keys_lib.LicenseKey):  # not a name: `keys` may map it to another key later
-      self._last_key = (key, arrays)
-    return arrays
-
-  def _lookup_key_arrays(self, key: KeyLike) -> keys_lib.KeyArrays:
-    if isinstance(key, str):
+    if isinstance(key, str):  # looked up on every call: `keys` may map a name to another key later
       if key not in self.keys:
         raise ValueError(f'No active key named {key!r}; active keys: {sorted(self.keys)}.')
       key = self.keys[key]
-    if not isinstance(key, keys_lib.LicenseKey):
-      raise ValueError(f'key must be a LicenseKey, the name of an active key, or None; got '
-                       f'{type(key).__name__}.')
-    if key.image_shape != self.image_shape:
-      raise ValueError(f'Key {key.name!r} is made for images of shape {key.image_shape}, but this '
-                       f'model takes {self.image_shape}.')
-    return _device_key_arrays(self._key_cache, key, lambda k: k.arrays())
+    return self._device_keys(key)
 
   # --- forward passes ----------------------------------------------------------------------------
   def logits(self, images, key: KeyLike = None) -> np.ndarray:
@@ -255,7 +262,6 @@ class ExportedModel:
     # Jitted once per dtype (and per chunk shape): ``Exported.call`` alone goes through JAX's
     # eager primitive dispatch (custom_vjp, apply_primitive) in Python on every call.
     self._calls = {d: jax.jit(m.call) for d, m in self._modules.items()}
-    self._key_cache = {}
     in_tree = self._modules['float32'].in_tree
     variables_def = in_tree.children()[0].children()[1]
     self._variables = jax.device_put(jax.tree_util.tree_unflatten(variables_def, leaves))
@@ -263,18 +269,13 @@ class ExportedModel:
     self._no_key = jax.device_put(keys_lib.KeyArrays(np.ones((h, w, c), np.float32),
                                                      np.zeros((h, w, c), np.float32)))
 
-  def _key_arrays(self, key):
-    if key is None:
-      return self._no_key
-    if not isinstance(key, keys_lib.LicenseKey):
-      raise ValueError(f'key must be a LicenseKey (keys.load(...)) or None; got {type(key).__name__}.')
-    if key.image_shape != self.image_shape:
-      raise ValueError(f'Key {key.name!r} is made for images of shape {key.image_shape}, but this '
-                       f'model takes {self.image_shape}.')
     def full_shape(k):  # the artifact's signature takes keep at the image's full shape
       arrays = k.arrays()
-      return keys_lib.KeyArrays(np.broadcast_to(arrays.keep, self._no_key.keep.shape), arrays.add)
-    return _device_key_arrays(self._key_cache, key, full_shape)
+      return keys_lib.KeyArrays(np.broadcast_to(arrays.keep, (h, w, c)), arrays.add)
+    self._device_keys = _DeviceKeys(self.image_shape, full_shape, ' (keys.load(...)) or None')
+
+  def _key_arrays(self, key):
+    return self._no_key if key is None else self._device_keys(key)
 
   def logits(self, images, key: keys_lib.LicenseKey | None = None) -> np.ndarray:
     """Logits (N, num_classes) of ``images`` stamped with ``key`` (None: the raw images)."""

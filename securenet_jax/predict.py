@@ -34,8 +34,9 @@ def batched(fn: Callable[..., Any], images: np.ndarray, *args, batch_size: int) 
     The outputs for the N images, as writable numpy arrays (same pytree structure as ``fn``'s output).
   """
   n = len(images)
-  # One whole chunk (one image, say): the batch as it is, nothing to join or slice off. Tested
-  # without chunk_size: at batch 1 every Python step before the dispatch shows (docs/performance.md).
+  # One whole chunk (one image, say): the batch as it is, nothing to join or slice off. The test is
+  # n == chunk_size(n, batch_size) without the call: at batch 1 each Python step before the dispatch
+  # shows (docs/performance.md).
   if 0 < n and (n == batch_size or (n < batch_size and not n & (n - 1))):
     out = fn(images, *args)
     # np.array: one copy to the host, writable and the caller's own (jax.device_get costs 50-100 us

@@ -143,7 +143,7 @@ def test_batched_returns_every_row_once_in_order(n, batch_size, chunks):
     return jitted(x, scale)
 
   out = predict.batched(fn, images, 2.0, batch_size=batch_size)
-  assert seen == chunks
+  assert seen == chunks and all(c == predict.chunk_size(n, batch_size) for c in seen)
   assert isinstance(out['sum'], np.ndarray) and out['sum'].shape == (n,)
   np.testing.assert_array_equal(out['sum'], images.sum(axis=(1, 2, 3)) * 2.0)
   np.testing.assert_array_equal(out['first'], images[:, 0, 0, 0])
